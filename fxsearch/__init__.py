@@ -1,0 +1,11 @@
+"""fxsearch: joint channel pruning and channel-wise mixed-precision search on torch.fx graphs."""
+from .config import SearchConfig
+from .convert import convert
+from .errors import (CheckpointError, ConfigError, ExportError, FinalizeError, FxSearchError,
+                     TraceError, UnsupportedModelError)
+from .model import SearchModel
+
+__all__ = [
+    "convert", "SearchConfig", "SearchModel", "FxSearchError", "ConfigError", "TraceError",
+    "UnsupportedModelError", "FinalizeError", "ExportError", "CheckpointError",
+]

@@ -1,0 +1,35 @@
+"""The pipeline: trace -> channel groups -> search nodes, in one visible order."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from fxsearch.passes.channel_groups import ChannelGroupPass
+from fxsearch.passes.insert_search_nodes import InsertSearchNodesPass
+from fxsearch.passes.trace import trace
+
+from .config import SearchConfig
+from .model import SearchModel
+
+
+def convert(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    *,
+    config: SearchConfig | None = None,
+    **options: Any,
+) -> SearchModel:
+    """Rewrite ``model`` into a SearchModel (the model itself is left untouched).
+
+    example_inputs: a tuple with one example tensor per positional input (shapes matter,
+    values set the initial activation clip ranges).
+    options: the fields of SearchConfig (w_precisions, a_precisions, input_bits, sampling,
+    temperature, exclude, leaf_modules, concrete_args), or pass ``config=`` directly.
+    """
+    cfg = config if config is not None else SearchConfig(**options)
+    leaves = tuple(cfg.leaf_modules) + tuple(e for e in cfg.exclude)
+    gm = trace(model, example_inputs, leaf_modules=leaves, concrete_args=cfg.concrete_args)
+    for p in (ChannelGroupPass(example_inputs, cfg.exclude), InsertSearchNodesPass(cfg)):
+        gm = p(gm).graph_module
+    return SearchModel.wrap(gm, cfg)

@@ -1,0 +1,12 @@
+"""The keys passes write into ``node.meta`` and ``GraphModule.meta``, declared once."""
+
+# node.meta
+LABELS = "fxsearch.labels"          # channel labels of the node's value (see passes/channel_groups.py)
+NONNEG = "fxsearch.nonneg"          # True when the value is known to be >= 0 (ReLU-like producers)
+RANGE = "fxsearch.range"            # (min, max) of the value on the example inputs
+ROLE = "fxsearch.role"              # "weight_search", "act_search", "choice" for inserted nodes
+LAYER = "fxsearch.layer"            # qualified name of the searchable layer a node belongs to
+GROUP = "fxsearch.group"            # group id of a searchable layer
+
+# GraphModule.meta
+ANALYSIS = "fxsearch.channel_analysis"  # ChannelAnalysis written by the channel-group pass

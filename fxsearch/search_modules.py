@@ -1,0 +1,168 @@
+"""Modules the insert-search-nodes pass puts into the graph.
+
+GroupChoice  one per channel group: the choice parameter alpha (|P_W|, units) -> theta
+ActSearch    one per tensor feeding searchable layers: activation precision choice, PACT
+             clip, and the mask that zeroes pruned channels where they are consumed
+SearchConv*/SearchLinear  the original layer, computing its weight from theta
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .quantizers import fake_quant_act, fake_quant_weight, sample_choice
+
+
+class _Choice(nn.Module):
+    """Holds logits over precisions (dim 0) and turns them into theta."""
+
+    def _init_choice(self, precisions: tuple[int, ...], units: int | None, sampling: str, temperature: float):
+        self.precisions = tuple(precisions)
+        self.sampling = sampling
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        init = torch.tensor(self.precisions, dtype=torch.float) / max(self.precisions)
+        shape = (len(self.precisions),) if units is None else (len(self.precisions), units)
+        self.alpha = nn.Parameter(init.view(-1, *([1] * (len(shape) - 1))).expand(shape).clone())
+
+    def logits(self) -> torch.Tensor:
+        return self.alpha
+
+    def theta(self) -> torch.Tensor:
+        return sample_choice(self.logits(), float(self.temperature), self.sampling, self.training)
+
+    def argmax_bits(self) -> torch.Tensor:
+        return torch.tensor(self.precisions)[self.logits().detach().argmax(0).cpu()]
+
+
+class GroupChoice(_Choice):
+    """Per-unit weight precision choice shared by every layer of one channel group."""
+
+    def __init__(self, precisions, frozen: torch.Tensor, sampling: str, temperature: float):
+        super().__init__()
+        self._init_choice(precisions, int(frozen.numel()), sampling, temperature)
+        allowed = torch.ones(len(precisions), frozen.numel(), dtype=torch.bool)
+        if 0 in precisions:
+            allowed[precisions.index(0), frozen] = False
+        self.register_buffer("allowed", allowed)
+
+    def logits(self) -> torch.Tensor:
+        return self.alpha.masked_fill(~self.allowed, float("-inf"))
+
+    def forward(self) -> torch.Tensor:
+        return self.theta()
+
+    def extra_repr(self) -> str:
+        return f"bits={self.precisions}, units={self.alpha.shape[1]}, frozen={int((~self.allowed).any(0).sum())}"
+
+
+class ActSearch(_Choice):
+    """Activation quantizer with a precision choice, plus the pruning mask of its tensor.
+
+    forward(x, *thetas): sum_p theta_a[p] * Q_p(x), times the alive mask (1 - theta[0]) of
+    every prunable channel the tensor holds (thetas: those groups' choices, in plan order).
+    """
+
+    def __init__(self, precisions, signed: bool, lo: float, hi: float, sampling: str, temperature: float,
+                 mask_shape: tuple[int, ...] = (), mask_plan: list[tuple[torch.Tensor, torch.Tensor]] = ()):
+        super().__init__()
+        self._init_choice(precisions, None, sampling, temperature)
+        if len(self.precisions) == 1:
+            self.alpha.requires_grad_(False)
+        self.register_buffer("bits", torch.tensor(self.precisions, dtype=torch.float))
+        self.signed = signed
+        self.hi = nn.Parameter(torch.tensor(float(max(hi, 1e-3))))
+        if signed:
+            self.lo = nn.Parameter(torch.tensor(float(min(lo, -1e-3))))
+        else:
+            self.register_buffer("lo", torch.tensor(0.0))
+        self.mask_shape = tuple(mask_shape)
+        for k, (pos, units) in enumerate(mask_plan):
+            self.register_buffer(f"mask_pos{k}", pos)
+            self.register_buffer(f"mask_unit{k}", units)
+        self.num_masked_groups = len(mask_plan)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        theta = self.theta()
+        q = fake_quant_act(x, self.lo, self.hi, self.bits.to(x.dtype))
+        return (theta.view(-1, *([1] * x.dim())).to(x.dtype) * q).sum(0)
+
+    def mask(self, thetas: tuple[torch.Tensor, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = 1
+        for s in self.mask_shape:
+            numel *= s
+        mask = torch.ones(numel, dtype=like.dtype, device=like.device)
+        for k, theta in enumerate(thetas):
+            alive = 1 - theta[0, getattr(self, f"mask_unit{k}")]
+            mask = mask.index_put((getattr(self, f"mask_pos{k}"),), alive.to(like.dtype))
+        return mask.view(self.mask_shape)
+
+    def forward(self, x: torch.Tensor, *thetas: torch.Tensor) -> torch.Tensor:
+        out = self.quantize(x)
+        return out * self.mask(thetas, out) if thetas else out
+
+    def extra_repr(self) -> str:
+        return f"bits={self.precisions}, signed={self.signed}, masked_groups={self.num_masked_groups}"
+
+
+class WeightSearchMixin:
+    """Effective weight of a searchable layer: W_hat_c = sum_p theta[p, c] Q_p(W_c), Q_0 = 0."""
+
+    def _init_search(self, precisions: tuple[int, ...], unit_index: torch.Tensor | None) -> None:
+        self.precisions = tuple(precisions)
+        nonzero = [i for i, p in enumerate(precisions) if p > 0]
+        self.register_buffer("bits", torch.tensor([precisions[i] for i in nonzero], dtype=torch.float))
+        self.register_buffer("nonzero_rows", torch.tensor(nonzero, dtype=torch.long))
+        self.zero_row = precisions.index(0) if 0 in precisions else None
+        self.register_buffer("unit_index", unit_index)
+
+    def channel_theta(self, theta: torch.Tensor) -> torch.Tensor:
+        return theta if self.unit_index is None else theta[:, self.unit_index]
+
+    def effective_params(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        t = self.channel_theta(theta).to(self.weight.dtype)
+        q = fake_quant_weight(self.weight, self.bits.to(self.weight.dtype))
+        t_nz = t[self.nonzero_rows].view(*t[self.nonzero_rows].shape, *([1] * (self.weight.dim() - 1)))
+        weight = (t_nz * q).sum(0)
+        bias = self.bias
+        if bias is not None and self.zero_row is not None:
+            bias = bias * (1 - t[self.zero_row])
+        return weight, bias
+
+    @classmethod
+    def from_float(cls, module: nn.Module, precisions, unit_index: torch.Tensor | None):
+        """The same module object's state under the search class (parameters are shared)."""
+        new = cls.__new__(cls)
+        new.__dict__.update(module.__dict__)
+        new._init_search(tuple(precisions), unit_index)
+        return new
+
+
+class SearchConv1d(WeightSearchMixin, nn.Conv1d):
+    def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, *self.effective_params(theta))
+
+
+class SearchConv2d(WeightSearchMixin, nn.Conv2d):
+    def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, *self.effective_params(theta))
+
+
+class SearchConv3d(WeightSearchMixin, nn.Conv3d):
+    def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, *self.effective_params(theta))
+
+
+class SearchLinear(WeightSearchMixin, nn.Linear):
+    def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, *self.effective_params(theta))
+
+
+SEARCH_CLASS = {nn.Conv1d: SearchConv1d, nn.Conv2d: SearchConv2d, nn.Conv3d: SearchConv3d, nn.Linear: SearchLinear}
+
+
+def search_class_for(module: nn.Module) -> type:
+    for base, cls in SEARCH_CLASS.items():
+        if isinstance(module, base):
+            return cls
+    raise TypeError(f"no search class for {type(module).__name__}")
