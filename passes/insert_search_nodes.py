@@ -27,8 +27,8 @@ def _mask_plan(labels: torch.Tensor | None, analysis: ChannelAnalysis, can_prune
     gids, uids = gids.reshape(-1), uids.reshape(-1)
     plan = []
     for g in torch.unique(gids[gids >= 0]).tolist():
-        frozen = analysis.groups[g].frozen
-        pos = torch.nonzero((gids == g) & ~frozen[uids.clamp_min(0)], as_tuple=True)[0]
+        pos = torch.nonzero(gids == g, as_tuple=True)[0]
+        pos = pos[~analysis.groups[g].frozen[uids[pos]]]
         if pos.numel():
             plan.append((g, pos, uids[pos]))
     return tuple(labels.shape), plan
