@@ -3,9 +3,10 @@ from .config import SearchConfig
 from .convert import convert
 from .errors import (CheckpointError, ConfigError, ExportError, FinalizeError, FxSearchError,
                      TraceError, UnsupportedModelError)
+from .finalize import finalize
 from .model import SearchModel
 
 __all__ = [
-    "convert", "SearchConfig", "SearchModel", "FxSearchError", "ConfigError", "TraceError",
+    "convert", "finalize", "SearchConfig", "SearchModel", "FxSearchError", "ConfigError", "TraceError",
     "UnsupportedModelError", "FinalizeError", "ExportError", "CheckpointError",
 ]

@@ -16,10 +16,14 @@ def _per_precision(bits: torch.Tensor, ndim: int) -> torch.Tensor:
     return bits.view(-1, *([1] * ndim))
 
 
+def weight_absmax(w: torch.Tensor) -> torch.Tensor:
+    """max|W_c| per output channel (dim 0), the range of symmetric per-channel quantization."""
+    return w.detach().abs().flatten(1).amax(1).clamp_min(EPS)
+
+
 def weight_scales(w: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """Symmetric per-output-channel scales, shape (len(bits), C_out): max|W_c| / (2^(b-1) - 1)."""
-    absmax = w.detach().abs().flatten(1).amax(1).clamp_min(EPS)
-    return absmax.unsqueeze(0) / (2 ** (bits - 1) - 1).unsqueeze(1)
+    return weight_absmax(w).unsqueeze(0) / (2 ** (bits - 1) - 1).unsqueeze(1)
 
 
 def fake_quant_weight(w: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:

@@ -189,6 +189,9 @@ class _LabelInterpreter(torch.fx.Interpreter):
         value = super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         labels = self.label(n, value, args, kwargs)
+        if isinstance(labels, torch.Tensor) and not varying_dims(labels):
+            # one unit holds the whole tensor: pruning it would leave the tensor empty
+            self.freeze(labels, f"holds every channel of node {n.name}")
         if n.op != "output":
             n.meta[meta.LABELS] = labels
             self.labels[n] = labels
@@ -456,8 +459,13 @@ class ChannelGroupPass(PassBase):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         interp = _LabelInterpreter(gm, self.exclude)
-        with torch.no_grad():
-            interp.run(*self.example_inputs)
+        was_training = gm.training
+        gm.eval()  # the inference graph: BatchNorm running stats untouched, dropout off
+        try:
+            with torch.no_grad():
+                interp.run(*self.example_inputs)
+        finally:
+            gm.train(was_training)
         analysis = interp.resolve()
         if not analysis.layers:
             raise UnsupportedModelError(

@@ -1,0 +1,98 @@
+"""Modules of a finalized model: frozen precisions, still fine-tunable (QAT, STE rounding).
+
+QuantConv*/QuantLinear  per-output-channel weight bit-widths in buffer `w_bits`; `a_bits` is
+                        the bit-width of the layer's input activation (None: float input)
+FakeQuantAct            per-tensor activation quantizer with learned clip [lo, hi]
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .quantizers import act_scale_zero_point, fake_quant_act, round_ste, weight_absmax
+
+
+class FakeQuantAct(nn.Module):
+    def __init__(self, bits: int, lo: torch.Tensor, hi: torch.Tensor, signed: bool):
+        super().__init__()
+        self.bits = int(bits)
+        self.signed = signed
+        self.hi = nn.Parameter(hi.detach().clone().reshape(()))
+        if signed:
+            self.lo = nn.Parameter(lo.detach().clone().reshape(()))
+        else:
+            self.register_buffer("lo", torch.zeros(()))
+
+    def scale_zero_point(self) -> tuple[float, int]:
+        scale, zp = act_scale_zero_point(self.lo, self.hi, torch.tensor(float(self.bits)))
+        return float(scale), int(zp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant_act(x, self.lo, self.hi, torch.tensor([float(self.bits)], device=x.device, dtype=x.dtype))[0]
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}"
+
+
+class QuantWeightMixin:
+    """Weight fake-quantized per output channel at its frozen bit-width `w_bits[c]`."""
+
+    def _init_quant(self, w_bits: torch.Tensor, a_bits: int | None) -> None:
+        self.register_buffer("w_bits", w_bits.to(torch.long))
+        self.a_bits = a_bits
+
+    def weight_scale(self) -> torch.Tensor:
+        """Per-channel scale, shape (C_out,)."""
+        return weight_absmax(self.weight) / (2 ** (self.w_bits - 1) - 1).to(self.weight.dtype)
+
+    def weight_int(self) -> torch.Tensor:
+        """The integer weights (as float tensor) inside each channel's signed range."""
+        qmax = (2 ** (self.w_bits - 1) - 1).to(self.weight.dtype).view(-1, *([1] * (self.weight.dim() - 1)))
+        s = self.weight_scale().view_as(qmax)
+        return torch.minimum(torch.maximum(round_ste(self.weight / s), -qmax - 1), qmax)
+
+    def quant_weight(self) -> torch.Tensor:
+        return self.weight_int() * self.weight_scale().view(-1, *([1] * (self.weight.dim() - 1)))
+
+    @classmethod
+    def from_float(cls, module: nn.Module, w_bits: torch.Tensor, a_bits: int | None):
+        new = cls.__new__(cls)
+        new.__dict__.update(module.__dict__)
+        for attr in ("precisions", "zero_row"):
+            new.__dict__.pop(attr, None)
+        for buf in ("bits", "nonzero_rows", "unit_index"):
+            new._buffers.pop(buf, None)
+        new._init_quant(w_bits, a_bits)
+        return new
+
+    def extra_repr(self) -> str:
+        counts = {int(b): int((self.w_bits == b).sum()) for b in torch.unique(self.w_bits)}
+        return f"{super().extra_repr()}, w_bits={counts}, a_bits={self.a_bits}"
+
+
+class QuantConv1d(QuantWeightMixin, nn.Conv1d):
+    def forward(self, x):
+        return self._conv_forward(x, self.quant_weight(), self.bias)
+
+
+class QuantConv2d(QuantWeightMixin, nn.Conv2d):
+    def forward(self, x):
+        return self._conv_forward(x, self.quant_weight(), self.bias)
+
+
+class QuantConv3d(QuantWeightMixin, nn.Conv3d):
+    def forward(self, x):
+        return self._conv_forward(x, self.quant_weight(), self.bias)
+
+
+class QuantLinear(QuantWeightMixin, nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.quant_weight(), self.bias)
+
+
+QUANT_CLASS = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d, nn.Linear: QuantLinear}
+
+
+def quant_class_for(module: nn.Module) -> type:
+    return next(cls for base, cls in QUANT_CLASS.items() if isinstance(module, base))

@@ -1,0 +1,285 @@
+"""Finalize pass: a search model becomes a smaller model with frozen precisions.
+
+- every choice takes its argmax; channels at 0 bits are removed for real from producers and
+  every consumer (conv/linear inputs, BatchNorm, per-channel parameters, literal sizes of
+  view/split/slice), using the channel labels of the analysis;
+- search layers become QuantConv*/QuantLinear with per-channel `w_bits`, activation search
+  nodes become FakeQuantAct with their chosen bit-width, choice nodes disappear;
+- BatchNorm that follows a quantized layer is folded into it (per-channel symmetric
+  quantization gives the same integers for a positive or negative per-channel factor).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.fx
+import torch.nn as nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.utils._pytree import tree_flatten
+
+from fxsearch import meta
+from fxsearch.errors import FinalizeError
+from fxsearch.final_modules import FakeQuantAct, QuantWeightMixin, quant_class_for
+
+from .channel_groups import ChannelAnalysis, varying_dims
+from .op_kinds import node_kind
+
+_PER_CHANNEL = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU)
+
+
+class _Keep:
+    """Which units survive, and what that means for any label tensor."""
+
+    def __init__(self, gm: torch.fx.GraphModule, analysis: ChannelAnalysis):
+        self.analysis = analysis
+        self.choices = {g.id: gm.get_submodule(f"fxs_choices.g{g.id}") for g in analysis.groups}
+        self.bits = {g: c.argmax_bits() for g, c in self.choices.items()}
+
+    def mask(self, lab: torch.Tensor) -> torch.Tensor:
+        gid, uid = self.analysis.units_of(lab)
+        keep = torch.ones(lab.shape, dtype=torch.bool)
+        for g in torch.unique(gid[gid >= 0]).tolist():
+            at = gid == g
+            keep[at] = self.bits[g][uid[at]] > 0
+        return keep
+
+    def along(self, lab: torch.Tensor | None) -> tuple[int | None, torch.Tensor | None]:
+        """The varying dim of a label tensor and which of its positions survive."""
+        if lab is None or not varying_dims(lab):
+            return None, None
+        ax = varying_dims(lab)[0]
+        return ax, self.mask(lab).movedim(ax, 0).reshape(lab.shape[ax], -1)[:, 0]
+
+    def revive_empty(self, labels: list[torch.Tensor]) -> list[str]:
+        """Keep at least one channel in every tensor: revive the most likely unit of an emptied one."""
+        revived = []
+        changed = True
+        while changed:
+            changed = False
+            for lab in labels:
+                ax, keep = self.along(lab)
+                if keep is None or bool(keep.any()):
+                    continue
+                gid, uid = self.analysis.units_of(lab.reshape(-1))
+                cands = [(g, u) for g, u in zip(gid.tolist(), uid.tolist()) if g >= 0]
+                choice = lambda gu: self.choices[gu[0]]  # noqa: E731
+                best = max(cands, key=lambda gu: float(self._nonzero_logits(choice(gu))[:, gu[1]].max()))
+                logits = self._nonzero_logits(self.choices[best[0]])[:, best[1]]
+                nonzero = [p for p in self.choices[best[0]].precisions if p > 0]
+                self.bits[best[0]][best[1]] = nonzero[int(logits.argmax())]
+                revived.append(f"group {best[0]} unit {best[1]}")
+                changed = True
+        return revived
+
+    @staticmethod
+    def _nonzero_logits(choice) -> torch.Tensor:
+        rows = [i for i, p in enumerate(choice.precisions) if p > 0]
+        return choice.alpha.detach()[rows]
+
+
+def _set_attr(gm: torch.fx.GraphModule, target: str, value) -> None:
+    parent, _, leaf = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, value)
+
+
+def _get_attr(gm: torch.fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class FinalizePass(PassBase):
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        analysis: ChannelAnalysis = gm.meta[meta.ANALYSIS]
+        keep = _Keep(gm, analysis)
+        labels = [t for n in gm.graph.nodes for t in tree_flatten(n.meta.get(meta.LABELS))[0]
+                  if isinstance(t, torch.Tensor)]
+        revived = keep.revive_empty(labels)
+        if revived:
+            warnings.warn(f"finalize kept one channel in tensors whose channels were all at 0 bits: "
+                          f"{', '.join(revived)}; the finalized model differs from the search model there")
+        modules = dict(gm.named_modules())
+        sliced: set[str] = set()
+        for node in list(gm.graph.nodes):
+            role = node.meta.get(meta.ROLE)
+            if role == "act_search":
+                self._freeze_act(gm, node, modules[node.target])
+            elif role == "weight_search":
+                self._shrink_layer(gm, node, modules[node.target], analysis, keep)
+            elif node.op == "call_module" and isinstance(modules.get(node.target), _PER_CHANNEL):
+                self._shrink_per_channel(node, modules[node.target], keep)
+            elif node.op in ("call_function", "call_method"):
+                kind = node_kind(node, None)
+                if kind == "elementwise":
+                    self._shrink_constants(gm, node, keep, sliced)
+                elif kind == "structural":
+                    self._fix_literal_sizes(node, keep)
+        for node in list(gm.graph.nodes):
+            if node.meta.get(meta.ROLE) == "choice":
+                gm.graph.erase_node(node)
+        self._fold_batchnorm(gm)
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+        gm.delete_all_unused_submodules()
+        del gm.meta[meta.ANALYSIS]
+        return PassResult(gm, True)
+
+    # ---- search nodes ------------------------------------------------------------------
+    @staticmethod
+    def _freeze_act(gm, node, act) -> None:
+        bits = act.precisions[int(act.alpha.detach().argmax())]
+        _set_attr(gm, node.target, FakeQuantAct(bits, act.lo, act.hi, act.signed))
+        node.args = (node.args[0],)
+        node.meta[meta.ROLE] = "act_quant"
+
+    @staticmethod
+    def _shrink_layer(gm, node, layer, analysis, keep: _Keep) -> None:
+        info = analysis.layers[node.target]
+        unit_bits = keep.bits[info.group][info.unit_index]
+        keep_out = unit_bits > 0
+        keep_in = keep.mask(info.in_labels)
+        w = layer.weight.detach()
+        g = layer.groups if isinstance(layer, nn.modules.conv._ConvNd) else 1
+        if g == 1:
+            w = w[keep_out][:, keep_in]
+        else:
+            c_in_g, c_out_g = info.in_features // g, info.out_features // g
+            in_g, out_g = keep_in.view(g, c_in_g), keep_out.view(g, c_out_g)
+            alive = in_g.any(1) | out_g.any(1)
+            if not (in_g[alive] == in_g[alive][:1]).all() or not (out_g[alive] == out_g[alive][:1]).all():
+                raise FinalizeError(f"grouped layer '{node.target}' would lose channels unevenly across "
+                                    "its groups; this is a bug in the channel analysis, please report it")
+            w = w.view(g, c_out_g, c_in_g, *w.shape[2:])[alive][:, out_g[alive][0]][:, :, in_g[alive][0]]
+            w = w.reshape(-1, *w.shape[2:])
+            layer.groups = int(alive.sum())
+        layer.weight = nn.Parameter(w.contiguous())
+        if layer.bias is not None:
+            layer.bias = nn.Parameter(layer.bias.detach()[keep_out])
+        if isinstance(layer, nn.Linear):
+            layer.out_features, layer.in_features = w.shape[0], w.shape[1]
+        else:
+            layer.out_channels, layer.in_channels = w.shape[0], w.shape[1] * layer.groups
+        x = node.args[0]
+        a_bits = gm.get_submodule(x.target).bits if x.op == "call_module" and x.meta.get(meta.ROLE) == "act_quant" else None
+        _set_attr(gm, node.target, quant_class_for(layer).from_float(layer, unit_bits[keep_out], a_bits))
+        node.args = (x,)
+        node.meta[meta.ROLE] = "quant_layer"
+
+    # ---- consumers ---------------------------------------------------------------------
+    @staticmethod
+    def _shrink_per_channel(node, module, keep: _Keep) -> None:
+        ax, k = keep.along(node.args[0].meta.get(meta.LABELS))
+        if k is None or bool(k.all()):
+            return
+        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if t is not None and t.dim() == 1 and t.numel() == k.numel():
+                new = t.detach()[k]
+                if isinstance(t, nn.Parameter):
+                    setattr(module, name, nn.Parameter(new))
+                else:
+                    setattr(module, name, new)
+        for attr in ("num_features", "num_parameters"):
+            if hasattr(module, attr):
+                setattr(module, attr, int(k.sum()))
+
+    @staticmethod
+    def _shrink_constants(gm, node, keep: _Keep, sliced: set[str]) -> None:
+        ax, k = keep.along(node.meta.get(meta.LABELS))
+        if k is None or bool(k.all()):
+            return
+        nd = node.meta["tensor_meta"].shape.__len__()
+        for a in node.all_input_nodes:
+            if a.op != "get_attr" or a.target in sliced:
+                continue
+            t = _get_attr(gm, a.target)
+            pa = ax - (nd - t.dim())
+            if pa < 0 or t.shape[pa] != k.numel():
+                continue
+            new = t.detach().index_select(pa, torch.nonzero(k).view(-1))
+            _set_attr(gm, a.target, nn.Parameter(new) if isinstance(t, nn.Parameter) else new)
+            sliced.add(a.target)
+
+    @staticmethod
+    def _fix_literal_sizes(node, keep: _Keep) -> None:
+        """Rewrite integer sizes and offsets that refer to a dim losing channels."""
+        src = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        src_lab = src.meta.get(meta.LABELS) if src is not None else None
+        in_ax, k_in = keep.along(src_lab if isinstance(src_lab, torch.Tensor) else None)
+        if k_in is None or bool(k_in.all()):
+            return
+        name = node.target if isinstance(node.target, str) else node.target.__name__
+        out_lab = node.meta.get(meta.LABELS)
+        if name in ("view", "reshape", "expand"):
+            shape = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else list(node.args[1:])
+            out_ax, k_out = keep.along(out_lab)
+            if out_ax is not None and isinstance(shape[out_ax], int) and shape[out_ax] != -1:
+                shape[out_ax] = int(k_out.sum())
+                node.args = (src, *shape)
+        elif name in ("split", "chunk", "tensor_split"):
+            dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+            if dim % len(src.meta["tensor_meta"].shape) == in_ax:
+                sizes = [int(tm.shape[in_ax]) if keep.along(lab)[1] is None else int(keep.along(lab)[1].sum())
+                         for lab, tm in zip(out_lab, node.meta["tensor_meta"])]
+                node.target = "split" if node.op == "call_method" else torch.split
+                node.args, node.kwargs = (src, sizes, in_ax), {}
+        elif name == "getitem" and isinstance(node.args[1], (tuple, slice)):
+            index = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
+            if Ellipsis in index or None in index or in_ax >= len(index):
+                return
+            item = index[in_ax]
+            if isinstance(item, slice):
+                if item.step not in (None, 1):
+                    raise FinalizeError(f"node {node.format_node()} slices channels with a step; "
+                                        "exclude its producer from the search")
+                n = len(k_in)
+                start, stop, _ = item.indices(n)
+                index[in_ax] = slice(int(k_in[:start].sum()), int(k_in[:stop].sum()))
+            elif isinstance(item, int):
+                index[in_ax] = int(k_in[:item % len(k_in)].sum())
+            node.args = (src, tuple(index))
+        elif name in ("narrow", "select"):
+            dim = node.args[1]
+            if dim % len(node.args[0].meta["tensor_meta"].shape) == in_ax:
+                start = node.args[2] % len(k_in)
+                new_start = int(k_in[:start].sum())
+                if name == "narrow":
+                    length = int(k_in[start:start + node.args[3]].sum())
+                    node.args = (src, dim, new_start, length)
+                else:
+                    node.args = (src, dim, new_start)
+
+    # ---- batchnorm folding -------------------------------------------------------------
+    @staticmethod
+    def _fold_batchnorm(gm) -> None:
+        modules = dict(gm.named_modules())
+        for node in list(gm.graph.nodes):
+            bn = modules.get(node.target) if node.op == "call_module" else None
+            if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) or not bn.track_running_stats:
+                continue
+            prev = node.args[0]
+            layer = modules.get(prev.target) if prev.op == "call_module" else None
+            if not isinstance(layer, QuantWeightMixin) or len(prev.users) != 1:
+                continue
+            if isinstance(layer, nn.Linear) and not isinstance(bn, nn.BatchNorm1d):
+                continue
+            with torch.no_grad():
+                factor = torch.rsqrt(bn.running_var + bn.eps)
+                if bn.affine:
+                    factor = factor * bn.weight
+                bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+                shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+                layer.weight.mul_(factor.view(-1, *([1] * (layer.weight.dim() - 1))))
+                layer.bias = nn.Parameter((bias - bn.running_mean) * factor + shift)
+            node.replace_all_uses_with(prev)
+            gm.graph.erase_node(node)
+
+
+def finalize_graph(search_model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Run the finalize pass on a copy of ``search_model`` (which is left as it is)."""
+    gm = copy.deepcopy(search_model)
+    gm.eval()
+    return FinalizePass()(gm).graph_module
