@@ -26,7 +26,7 @@ class FakeQuantAct(nn.Module):
 
     def scale_zero_point(self) -> tuple[float, int]:
         scale, zp = act_scale_zero_point(self.lo, self.hi, torch.tensor(float(self.bits)))
-        return float(scale), int(zp)
+        return float(scale.detach()), int(zp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quant_act(x, self.lo, self.hi, torch.tensor([float(self.bits)], device=x.device, dtype=x.dtype))[0]
