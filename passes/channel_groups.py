@@ -459,13 +459,13 @@ class ChannelGroupPass(PassBase):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         interp = _LabelInterpreter(gm, self.exclude)
-        was_training = gm.training
-        gm.eval()  # the inference graph: BatchNorm running stats untouched, dropout off
-        try:
-            with torch.no_grad():
+        saved = [(b, b.clone()) for b in gm.buffers()]
+        with torch.no_grad():
+            try:
                 interp.run(*self.example_inputs)
-        finally:
-            gm.train(was_training)
+            finally:  # a run in train mode updates BatchNorm running stats: undo it
+                for b, value in saved:
+                    b.copy_(value)
         analysis = interp.resolve()
         if not analysis.layers:
             raise UnsupportedModelError(
