@@ -24,6 +24,9 @@ class FakeQuantAct(nn.Module):
         else:
             self.register_buffer("lo", torch.zeros(()))
 
+    def scale(self) -> torch.Tensor:
+        return act_scale_zero_point(self.lo, self.hi, torch.tensor(float(self.bits)))[0]
+
     def scale_zero_point(self) -> tuple[float, int]:
         scale, zp = act_scale_zero_point(self.lo, self.hi, torch.tensor(float(self.bits)))
         return float(scale.detach()), int(zp)
@@ -36,11 +39,24 @@ class FakeQuantAct(nn.Module):
 
 
 class QuantWeightMixin:
-    """Weight fake-quantized per output channel at its frozen bit-width `w_bits[c]`."""
+    """Weight fake-quantized per output channel at its frozen bit-width `w_bits[c]`, bias on
+    the int32 grid s_x * s_w[c] of integer accumulators."""
 
-    def _init_quant(self, w_bits: torch.Tensor, a_bits: int | None) -> None:
+    def _init_quant(self, w_bits: torch.Tensor, input_quant: FakeQuantAct | None) -> None:
         self.register_buffer("w_bits", w_bits.to(torch.long))
-        self.a_bits = a_bits
+        # the input's quantizer, not a submodule: the graph calls it; the layer reads its scale
+        object.__setattr__(self, "input_quant", input_quant)
+
+    @property
+    def a_bits(self) -> int | None:
+        return None if self.input_quant is None else self.input_quant.bits
+
+    def quant_bias(self) -> torch.Tensor | None:
+        """Bias on the int32 grid of scale s_x * s_w[c] when the input is quantized."""
+        if self.bias is None or self.input_quant is None:
+            return self.bias
+        step = self.input_quant.scale() * self.weight_scale()
+        return round_ste(self.bias / step) * step
 
     def weight_scale(self) -> torch.Tensor:
         """Per-channel scale, shape (C_out,)."""
@@ -56,14 +72,14 @@ class QuantWeightMixin:
         return self.weight_int() * self.weight_scale().view(-1, *([1] * (self.weight.dim() - 1)))
 
     @classmethod
-    def from_float(cls, module: nn.Module, w_bits: torch.Tensor, a_bits: int | None):
+    def from_float(cls, module: nn.Module, w_bits: torch.Tensor, input_quant: FakeQuantAct | None):
         new = cls.__new__(cls)
         new.__dict__.update(module.__dict__)
         for attr in ("precisions", "zero_row"):
             new.__dict__.pop(attr, None)
         for buf in ("bits", "nonzero_rows", "unit_index"):
             new._buffers.pop(buf, None)
-        new._init_quant(w_bits, a_bits)
+        new._init_quant(w_bits, input_quant)
         return new
 
     def extra_repr(self) -> str:
@@ -73,22 +89,22 @@ class QuantWeightMixin:
 
 class QuantConv1d(QuantWeightMixin, nn.Conv1d):
     def forward(self, x):
-        return self._conv_forward(x, self.quant_weight(), self.bias)
+        return self._conv_forward(x, self.quant_weight(), self.quant_bias())
 
 
 class QuantConv2d(QuantWeightMixin, nn.Conv2d):
     def forward(self, x):
-        return self._conv_forward(x, self.quant_weight(), self.bias)
+        return self._conv_forward(x, self.quant_weight(), self.quant_bias())
 
 
 class QuantConv3d(QuantWeightMixin, nn.Conv3d):
     def forward(self, x):
-        return self._conv_forward(x, self.quant_weight(), self.bias)
+        return self._conv_forward(x, self.quant_weight(), self.quant_bias())
 
 
 class QuantLinear(QuantWeightMixin, nn.Linear):
     def forward(self, x):
-        return F.linear(x, self.quant_weight(), self.bias)
+        return F.linear(x, self.quant_weight(), self.quant_bias())
 
 
 QUANT_CLASS = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d, nn.Linear: QuantLinear}

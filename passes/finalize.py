@@ -164,8 +164,8 @@ class FinalizePass(PassBase):
         else:
             layer.out_channels, layer.in_channels = w.shape[0], w.shape[1] * layer.groups
         x = node.args[0]
-        a_bits = gm.get_submodule(x.target).bits if x.op == "call_module" and x.meta.get(meta.ROLE) == "act_quant" else None
-        _set_attr(gm, node.target, quant_class_for(layer).from_float(layer, unit_bits[keep_out], a_bits))
+        act = gm.get_submodule(x.target) if x.op == "call_module" and x.meta.get(meta.ROLE) == "act_quant" else None
+        _set_attr(gm, node.target, quant_class_for(layer).from_float(layer, unit_bits[keep_out], act))
         node.args = (x,)
         node.meta[meta.ROLE] = "quant_layer"
 

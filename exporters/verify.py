@@ -1,0 +1,99 @@
+"""Check an exported ONNX file against the finalized model with onnxruntime.
+
+- weight integers in the file equal the model's integers exactly;
+- every quantized activation agrees within 1 LSB of its scale (graph optimisation disabled,
+  the quantized tensors exposed as extra outputs): `over_one_lsb` is the fraction of
+  elements off by more than one step, which float rounding ties keep tiny but not zero;
+- the model outputs agree at disabled and at default graph optimisation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import helper, numpy_helper
+from torch.utils._pytree import tree_flatten
+
+from .onnx_qdq import quant_layers
+
+LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "default": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    weights_exact: bool
+    max_abs_error: dict[str, float]   # per optimisation level, on the model outputs
+    output_scale: float               # max |output| of the PyTorch model
+    worst_lsb: float                  # largest quantized-activation difference, in LSBs
+    over_one_lsb: float               # fraction of quantized elements off by more than 1 LSB
+    output_rtol: float = 0.05
+    lsb_fraction: float = 1e-3
+
+    @property
+    def ok(self) -> bool:
+        close = all(e <= self.output_rtol * self.output_scale + 1e-5 for e in self.max_abs_error.values())
+        return self.weights_exact and close and self.over_one_lsb <= self.lsb_fraction
+
+    def summary(self) -> str:
+        errs = ", ".join(f"{k} {v:.3g}" for k, v in self.max_abs_error.items())
+        return (f"{'OK' if self.ok else 'MISMATCH'}: weights exact={self.weights_exact}; output max abs error "
+                f"({errs}) on outputs up to {self.output_scale:.3g}; activations: worst {self.worst_lsb:.2f} LSB, "
+                f"{100 * self.over_one_lsb:.3f}% of elements beyond 1 LSB")
+
+
+def _session(model: onnx.ModelProto, level: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = LEVELS[level]
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def verify_onnx(final: torch.fx.GraphModule, path: str, example_inputs: Sequence[Any]) -> VerifyReport:
+    model = onnx.load(path)
+    layers = quant_layers(final)
+    inits = {i.name: i for i in model.graph.initializer}
+    weights_exact = all(
+        f"{name}.weight_quantized" in inits and np.array_equal(
+            numpy_helper.to_array(inits[f"{name}.weight_quantized"]).astype(np.int64),
+            layer.weight_int().detach().cpu().numpy().astype(np.int64))
+        for name, (layer, _) in layers.items())
+
+    # the dequantized input of every quantized layer, in ONNX and in PyTorch
+    ops = {json.loads(json.dumps(p.value)): n for n in model.graph.node for p in n.metadata_props
+           if p.key == "ai.fxsearch.layer"}
+    captured: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, (layer, act) in layers.items():
+        if act is not None and name in ops:
+            tensor = ops[name].input[0]
+            hooks.append(act.register_forward_hook(lambda m, i, o, t=tensor: captured.__setitem__(t, o.detach())))
+    final.eval()
+    with torch.no_grad():
+        want = [t.cpu().numpy() for t in tree_flatten(final(*example_inputs))[0]]
+    for h in hooks:
+        h.remove()
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(model.graph.input, example_inputs)}
+
+    errors = {}
+    for level in LEVELS:
+        got = _session(model, level).run(None, feeds)
+        errors[level] = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    names = list(captured)
+    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    extra = _session(probe, "disabled").run(names, feeds)
+    worst, over, total = 0.0, 0, 0
+    for name, got in zip(names, extra):
+        scale = float(numpy_helper.to_array(inits[name.removesuffix("_dq") + "_scale"]))
+        diff = np.abs(got - captured[name].cpu().numpy()) / scale
+        worst = max(worst, float(diff.max()))
+        over += int((diff > 1.001).sum())
+        total += diff.size
+    return VerifyReport(weights_exact, errors, max(float(np.abs(w).max()) for w in want), worst,
+                        over / max(total, 1))
