@@ -12,6 +12,7 @@ graph is then rewritten with the onnx package:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -71,17 +72,28 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _torch_onnx(twin: nn.Module, example_inputs: Sequence[Any], opset: int) -> onnx.ModelProto:
-    """Float export; weights stay initializers named after their parameters."""
-    buffer = io.BytesIO()
+    """Float export; weights stay initializers named after their parameters.
+
+    The TorchScript exporter is fast and keeps weights unfolded; where it lacks an op the
+    torch.export-based exporter takes over.
+    """
     names = [f"input_{i}" for i in range(len(example_inputs))]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(twin, tuple(example_inputs), buffer, dynamo=False, opset_version=min(opset, 20),
-                              do_constant_folding=False, input_names=names)
-    except Exception as err:
-        raise ExportError(f"torch.onnx could not export the float graph: {type(err).__name__}: {err}") from err
-    model = onnx.load_from_string(buffer.getvalue())
+    errors = []
+    for dynamo in (False, True):
+        buffer = io.BytesIO()
+        options = dict(opset_version=opset, optimize=False) if dynamo else \
+            dict(opset_version=min(opset, 20), do_constant_folding=False)
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(twin, tuple(example_inputs), None if dynamo else buffer,
+                                            dynamo=dynamo, input_names=names, **options)
+            model = program.model_proto if dynamo else onnx.load_from_string(buffer.getvalue())
+            break
+        except Exception as err:
+            errors.append(f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+    else:
+        raise ExportError(f"torch.onnx could not export the float graph: {' / '.join(errors)}")
     if opset > model.opset_import[0].version:
         model = onnx.version_converter.convert_version(model, opset)
     return model

@@ -1,0 +1,111 @@
+"""ONNX "qdq" export: checker, onnxruntime agreement, exact integers, annotations, atomic writes."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import fxsearch
+from fxsearch.exporters import export_onnx, verify_onnx
+from fxsearch.final_modules import QuantWeightMixin
+
+import models as M
+from test_finalize import calibrate, force_choices
+
+class FlattenBlocks(torch.nn.Module):
+    """Flatten of a 4x4 map: each conv channel is a block of 16 Linear inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.max_pool2d(torch.relu(self.conv(x)), 2), 1))
+
+
+# (M.FlattenLinear uses an adaptive max pool that torch.onnx cannot export.)
+EXPORT_MODELS = [M.PlainChain, M.Residual, M.SubMulDiv, M.SEGate, M.Depthwise, M.Concat, M.SplitSlice,
+                 FlattenBlocks, M.ConvNeXtLike, M.ChannelShuffle, M.GroupedConv, M.TwoOutputs]
+
+
+def _final(model_cls, fraction=0.3, seed=0):
+    x = M.example_input(4)
+    sm = fxsearch.convert(model_cls(), (x,))
+    calibrate(sm, x)
+    force_choices(sm, fraction, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return fxsearch.finalize(sm), x
+
+
+@pytest.mark.parametrize("model_cls", EXPORT_MODELS, ids=lambda c: c.__name__)
+def test_qdq_export_agrees_with_onnxruntime(model_cls, tmp_path):
+    final, x = _final(model_cls)
+    path = tmp_path / "m.onnx"
+    export_onnx(final, path, (x,))
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    report = verify_onnx(final, path, (x,))
+    assert report.weights_exact
+    assert report.worst_lsb <= 1.0 + 1e-3, report.summary()
+    assert report.over_one_lsb == 0.0, report.summary()
+    for level, err in report.max_abs_error.items():
+        assert err <= 1e-4 * report.output_scale + 1e-6, (level, report.summary())
+    assert report.ok
+
+
+def test_annotations_and_narrow_ranges(tmp_path):
+    final, x = _final(M.PlainChain, seed=4)
+    path = tmp_path / "m.onnx"
+    model = export_onnx(final, path, (x,))
+    layers = {n: m for n, m in final.named_modules() if isinstance(m, QuantWeightMixin)}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    annotated = {}
+    for node in model.graph.node:
+        props = {p.key: p.value for p in node.metadata_props}
+        if "ai.fxsearch.layer" in props:
+            annotated[props["ai.fxsearch.layer"]] = props
+    assert set(annotated) == set(layers)
+    for name, layer in layers.items():
+        bits = json.loads(annotated[name]["ai.fxsearch.w_bits"])
+        assert bits == layer.w_bits.tolist()
+        ints = inits[f"{name}.weight_quantized"].astype(np.int64)
+        assert ints.dtype == np.int64 and inits[f"{name}.weight_quantized"].dtype == np.int8
+        top = 2 ** (np.array(bits) - 1)
+        per_channel = np.abs(ints.reshape(len(bits), -1)).max(1)
+        assert (per_channel <= top).all()  # inside each channel's 2/4/8-bit range
+        assert int(annotated[name]["ai.fxsearch.a_bits"]) == layer.a_bits
+        if layer.bias is not None:
+            assert inits[f"{name}.bias_quantized"].dtype == np.int32
+    clips = [n for n in model.graph.node if n.op_type == "Clip"]
+    low_bits = [m.a_bits for m in layers.values() if m.a_bits < 8]
+    assert len(clips) == len(low_bits)
+    for clip in clips:
+        assert int(inits[clip.input[2]]) in {2 ** b - 1 for b in low_bits}
+    assert len(model.graph.quantization_annotation) >= 2 * len(layers)
+    summary = json.loads({p.key: p.value for p in model.metadata_props}["ai.fxsearch.summary"])
+    assert [r["layer"] for r in summary["layers"]] == list(layers)
+
+
+def test_unwritable_path_leaves_nothing(tmp_path):
+    final, x = _final(M.PlainChain)
+    with pytest.raises(fxsearch.ExportError, match="cannot write"):
+        export_onnx(final, tmp_path / "missing-dir" / "m.onnx", (x,))
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"old")
+    export_onnx(final, path, (x,))
+    assert path.read_bytes() != b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_rejects_search_model(tmp_path):
+    x = M.example_input(2)
+    sm = fxsearch.convert(M.PlainChain(), (x,))
+    with pytest.raises(fxsearch.ExportError, match="finalize"):
+        export_onnx(sm, tmp_path / "m.onnx", (x,))
