@@ -7,6 +7,8 @@
   nodes become FakeQuantAct with their chosen bit-width, choice nodes disappear;
 - BatchNorm that follows a quantized layer is folded into it (per-channel symmetric
   quantization gives the same integers for a positive or negative per-channel factor).
+The channel analysis stays in gm.meta and node labels are shrunk to the surviving channels,
+so exporters can still tell which channels of which tensors belong together.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from fxsearch import meta
 from fxsearch.errors import FinalizeError
@@ -51,6 +53,11 @@ class _Keep:
             return None, None
         ax = varying_dims(lab)[0]
         return ax, self.mask(lab).movedim(ax, 0).reshape(lab.shape[ax], -1)[:, 0]
+
+    def shrink(self, lab: torch.Tensor | None) -> torch.Tensor | None:
+        """A label tensor without its removed positions."""
+        ax, k = self.along(lab if isinstance(lab, torch.Tensor) else None)
+        return lab if k is None else lab.index_select(ax, torch.nonzero(k).view(-1))
 
     def revive_empty(self, labels: list[torch.Tensor]) -> list[str]:
         """Keep at least one channel in every tensor: revive the most likely unit of an emptied one."""
@@ -125,7 +132,9 @@ class FinalizePass(PassBase):
         gm.graph.lint()
         gm.recompile()
         gm.delete_all_unused_submodules()
-        del gm.meta[meta.ANALYSIS]
+        for node in gm.graph.nodes:  # labels now describe the surviving channels only
+            if meta.LABELS in node.meta:
+                node.meta[meta.LABELS] = tree_map(keep.shrink, node.meta[meta.LABELS])
         return PassResult(gm, True)
 
     # ---- search nodes ------------------------------------------------------------------
