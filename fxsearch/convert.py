@@ -1,4 +1,4 @@
-"""The pipeline: trace -> channel groups -> search nodes, in one visible order."""
+"""The pipeline: trace -> channel groups -> search nodes -> cost description, in one visible order."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -6,6 +6,7 @@ from typing import Any, Sequence
 import torch
 
 from fxsearch.passes.channel_groups import ChannelGroupPass
+from fxsearch.passes.cost import CostPass
 from fxsearch.passes.insert_search_nodes import InsertSearchNodesPass
 from fxsearch.passes.trace import trace
 
@@ -18,6 +19,7 @@ def convert(
     example_inputs: Sequence[Any],
     *,
     config: SearchConfig | None = None,
+    cost: Any = "size",
     **options: Any,
 ) -> SearchModel:
     """Rewrite ``model`` into a SearchModel (the model itself is left untouched).
@@ -26,10 +28,13 @@ def convert(
     values set the initial activation clip ranges).
     options: the fields of SearchConfig (w_precisions, a_precisions, input_bits, sampling,
     temperature, exclude, leaf_modules, concrete_args), or pass ``config=`` directly.
+    cost: what SearchModel.cost prices: a registered name ("size", "size_bytes", "params",
+    "macs", "bitops", "mpic", "ne16"), a function of one CostLayer, a CostModel, or a dict
+    name -> any of these (the first is the main cost); see fxsearch.cost_models.
     """
     cfg = config if config is not None else SearchConfig(**options)
     leaves = tuple(cfg.leaf_modules) + tuple(e for e in cfg.exclude)
     gm = trace(model, example_inputs, leaf_modules=leaves, concrete_args=cfg.concrete_args)
-    for p in (ChannelGroupPass(example_inputs, cfg.exclude), InsertSearchNodesPass(cfg)):
+    for p in (ChannelGroupPass(example_inputs, cfg.exclude), InsertSearchNodesPass(cfg), CostPass(cost)):
         gm = p(gm).graph_module
     return SearchModel.wrap(gm, cfg)

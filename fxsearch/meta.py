@@ -10,3 +10,5 @@ GROUP = "fxsearch.group"            # group id of a searchable layer
 
 # GraphModule.meta
 ANALYSIS = "fxsearch.channel_analysis"  # ChannelAnalysis written by the channel-group pass
+COST_LAYERS = "fxsearch.cost_layers"    # list[LayerSpec] written by the cost pass (passes/cost.py)
+COST_MODELS = "fxsearch.cost_models"    # dict name -> CostModel priced by SearchModel.cost (first = main)

@@ -8,7 +8,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from . import meta
+from . import cost_models, meta
 from .config import SearchConfig
 from .search_modules import ActSearch, GroupChoice, WeightSearchMixin
 
@@ -77,6 +77,28 @@ class SearchModel(torch.fx.GraphModule):
             raise ConfigError(f"sampling={mode!r}; choose one of {SAMPLING_MODES}")
         for m in self._choices():
             m.sampling = mode
+
+    # ---- cost (fxsearch.cost_models) ---------------------------------------------------
+    @property
+    def cost(self) -> torch.Tensor:
+        """The main cost (the first given to convert) under the current thetas: differentiable
+        in train mode (the thetas the forward pass uses; Gumbel: their expectation), the
+        argmax architecture in eval mode."""
+        return self.cost_of(None)
+
+    @property
+    def costs(self) -> dict[str, torch.Tensor]:
+        """Every named cost, as ``cost``."""
+        return cost_models.search_costs(self)
+
+    def cost_of(self, name: str | None = None) -> torch.Tensor:
+        """One named cost, as ``cost`` (None: the main one)."""
+        return next(iter(cost_models.search_costs(self, [name]).values()))
+
+    def discrete_cost(self, name: str | None = None) -> float:
+        """Cost of the current argmax architecture, in either mode (float64 arithmetic)."""
+        with torch.no_grad():
+            return float(next(iter(cost_models.search_costs(self, [name], discrete=True).values())))
 
     # ---- inspection --------------------------------------------------------------------
     def layer_table(self) -> list[dict]:
