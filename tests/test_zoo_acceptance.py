@@ -116,8 +116,13 @@ def test_shufflenet_channel_shuffle_ties_branches(converted):
         "stage2.0.branch1.2", "stage2.0.branch2.5", "stage2.1.branch2.5", "stage2.2.branch2.5",
         "stage2.3.branch2.5", "stage3.0.branch1.0"]
     assert group_with(sm, "stage2.0.branch2.3") == ["stage2.0.branch2.0", "stage2.0.branch2.3"]
-    stage2 = sm.analysis.groups[sm.analysis.layers["stage2.0.branch2.5"].group]
-    assert 1 < stage2.num_units < 116 and not stage2.frozen.any()
+    a = sm.analysis
+    stage2 = a.groups[a.layers["stage2.0.branch2.5"].group]
+    assert stage2.num_units == 58 and not stage2.frozen.any()
+    # each shuffle ties a pass-through channel with a branch channel: the next block's branch
+    # output pairs up (58 channels, 29 units), the one after in fours
+    assert a.layers["stage2.1.branch2.5"].unit_index.tolist() == torch.arange(29).repeat_interleave(2).tolist()
+    assert a.layers["stage2.2.branch2.5"].unit_index.unique().numel() == 15
 
 
 def test_regnet_grouped_convs_and_projection(converted):
