@@ -24,6 +24,8 @@ def _precision_set(name: str, values: Any, allow_zero: bool) -> tuple[int, ...]:
         if not low <= v <= MAX_BITS:
             what = "0 (pruned) to" if allow_zero else "1 to"
             raise ConfigError(f"{name} holds {v}; bit-widths run from {what} {MAX_BITS}")
+    if allow_zero and 1 in values:
+        raise ConfigError(f"{name} holds 1: a symmetric 1-bit weight grid has no non-zero level; use 2 or more")
     if len(set(values)) != len(values):
         raise ConfigError(f"{name} holds duplicates: {values}; list each bit-width once")
     if allow_zero and values == [0]:
