@@ -87,15 +87,22 @@ def trace(
 class _NamedShapeProp(ShapeProp):
     """ShapeProp that says which node failed."""
 
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm)
+        self.extra_traceback = False  # our message already names the node
+
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
             return super().run_node(n)
         except TraceError:
             raise
         except Exception as err:
+            root = err
+            while root.__cause__ is not None:  # ShapeProp wraps the op's own error
+                root = root.__cause__
             raise TraceError(
                 f"the traced graph fails at node {n.format_node()} on the example inputs: "
-                f"{type(err).__name__}: {err}. Check that example_inputs have the shape and "
+                f"{type(root).__name__}: {str(root).splitlines()[0]}. Check that example_inputs have the shape and "
                 "dtype the model expects (a tuple with one tensor per positional input)."
             ) from err
 
