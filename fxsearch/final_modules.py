@@ -32,7 +32,8 @@ class FakeQuantAct(nn.Module):
         return float(scale.detach()), int(zp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant_act(x, self.lo, self.hi, torch.tensor([float(self.bits)], device=x.device, dtype=x.dtype))[0]
+        one = torch.ones(1, device=x.device, dtype=x.dtype)
+        return fake_quant_act(x, self.lo, self.hi, one * self.bits, one)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}"

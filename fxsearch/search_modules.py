@@ -83,9 +83,7 @@ class ActSearch(_Choice):
         self.num_masked_groups = len(mask_plan)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        theta = self.theta()
-        q = fake_quant_act(x, self.lo, self.hi, self.bits.to(x.dtype))
-        return (theta.view(-1, *([1] * x.dim())).to(x.dtype) * q).sum(0)
+        return fake_quant_act(x, self.lo, self.hi, self.bits, self.theta())
 
     def mask(self, thetas: tuple[torch.Tensor, ...], like: torch.Tensor) -> torch.Tensor:
         numel = 1
@@ -121,9 +119,7 @@ class WeightSearchMixin:
 
     def effective_params(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         t = self.channel_theta(theta).to(self.weight.dtype)
-        q = fake_quant_weight(self.weight, self.bits.to(self.weight.dtype))
-        t_nz = t[self.nonzero_rows].view(*t[self.nonzero_rows].shape, *([1] * (self.weight.dim() - 1)))
-        weight = (t_nz * q).sum(0)
+        weight = fake_quant_weight(self.weight, self.bits, t[self.nonzero_rows])
         bias = self.bias
         if bias is not None and self.zero_row is not None:
             bias = bias * (1 - t[self.zero_row])
