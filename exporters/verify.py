@@ -1,6 +1,7 @@
 """Check an exported ONNX file against the finalized model with onnxruntime.
 
-- weight integers in the file equal the model's integers exactly;
+- weight integers in the file equal the model's integers exactly (for the packed format, the
+  concatenated sub-layer integers equal those of the model after the same channel sort);
 - every quantized activation agrees within 1 LSB of its scale (graph optimisation disabled,
   the quantized tensors exposed as extra outputs): `over_one_lsb` is the fraction of
   elements off by more than one step, which float rounding ties keep tiny but not zero;
@@ -18,6 +19,8 @@ import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
 from torch.utils._pytree import tree_flatten
+
+from fxsearch.passes.sort_channels import sort_channels
 
 from .onnx_qdq import quant_layers
 
@@ -54,22 +57,31 @@ def _session(model: onnx.ModelProto, level: str) -> ort.InferenceSession:
 
 def verify_onnx(final: torch.fx.GraphModule, path: str, example_inputs: Sequence[Any]) -> VerifyReport:
     model = onnx.load(path)
+    summary = json.loads({p.key: p.value for p in model.metadata_props}.get("ai.fxsearch.summary", "{}"))
+    weight_inits = {}  # layer -> its integer initializers, in channel order
+    if summary.get("format") == "packed":  # the file holds the channels sorted by bit-width
+        final = sort_channels(final, example_inputs)
+        weight_inits = {r["layer"]: [s["initializer"] for s in r["sub_layers"]] for r in summary["layers"]}
     layers = quant_layers(final)
     inits = {i.name: i for i in model.graph.initializer}
     weights_exact = all(
-        f"{name}.weight_quantized" in inits and np.array_equal(
-            numpy_helper.to_array(inits[f"{name}.weight_quantized"]).astype(np.int64),
+        all(i in inits for i in weight_inits.get(name, [f"{name}.weight_quantized"])) and np.array_equal(
+            np.concatenate([numpy_helper.to_array(inits[i]).astype(np.int64)
+                            for i in weight_inits.get(name, [f"{name}.weight_quantized"])]),
             layer.weight_int().detach().cpu().numpy().astype(np.int64))
         for name, (layer, _) in layers.items())
 
     # the dequantized input of every quantized layer, in ONNX and in PyTorch
     ops = {json.loads(json.dumps(p.value)): n for n in model.graph.node for p in n.metadata_props
            if p.key == "ai.fxsearch.layer"}
+    producers = {o: n for n in model.graph.node for o in n.output}
     captured: dict[str, torch.Tensor] = {}
     hooks = []
     for name, (layer, act) in layers.items():
         if act is not None and name in ops:
             tensor = ops[name].input[0]
+            while producers[tensor].op_type == "Slice":  # a packed grouped conv's sub-layer input
+                tensor = producers[tensor].input[0]
             hooks.append(act.register_forward_hook(lambda m, i, o, t=tensor: captured.__setitem__(t, o.detach())))
     final.eval()
     with torch.no_grad():

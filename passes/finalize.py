@@ -98,6 +98,35 @@ def _get_attr(gm: torch.fx.GraphModule, target: str):
     return obj
 
 
+def select_per_channel(module: nn.Module, index: torch.Tensor, size: int) -> None:
+    """Keep (and order) the channels ``index`` of a per-channel module's 1-D parameters and
+    buffers of length ``size``: removal in finalize, permutation in passes/sort_channels.py."""
+    for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        if t is not None and t.dim() == 1 and t.numel() == size:
+            new = t.detach().index_select(0, index.to(t.device))
+            setattr(module, name, nn.Parameter(new) if isinstance(t, nn.Parameter) else new)
+    for attr in ("num_features", "num_parameters"):
+        if hasattr(module, attr):
+            setattr(module, attr, int(index.numel()))
+
+
+def select_constants(gm: torch.fx.GraphModule, node: torch.fx.Node, ax: int, index: torch.Tensor, size: int,
+                     done: set[str]) -> None:
+    """The same for the per-channel get_attr operands of element-wise ``node`` (channels on
+    dim ``ax`` of its value); ``done`` holds the constants already handled."""
+    nd = node.meta["tensor_meta"].shape.__len__()
+    for a in node.all_input_nodes:
+        if a.op != "get_attr" or a.target in done:
+            continue
+        t = _get_attr(gm, a.target)
+        pa = ax - (nd - t.dim())
+        if pa < 0 or t.shape[pa] != size:
+            continue
+        new = t.detach().index_select(pa, index.to(t.device))
+        _set_attr(gm, a.target, nn.Parameter(new) if isinstance(t, nn.Parameter) else new)
+        done.add(a.target)
+
+
 class FinalizePass(PassBase):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         analysis: ChannelAnalysis = gm.meta[meta.ANALYSIS]
@@ -182,35 +211,14 @@ class FinalizePass(PassBase):
     @staticmethod
     def _shrink_per_channel(node, module, keep: _Keep) -> None:
         ax, k = keep.along(node.args[0].meta.get(meta.LABELS))
-        if k is None or bool(k.all()):
-            return
-        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if t is not None and t.dim() == 1 and t.numel() == k.numel():
-                new = t.detach()[k]
-                if isinstance(t, nn.Parameter):
-                    setattr(module, name, nn.Parameter(new))
-                else:
-                    setattr(module, name, new)
-        for attr in ("num_features", "num_parameters"):
-            if hasattr(module, attr):
-                setattr(module, attr, int(k.sum()))
+        if k is not None and not bool(k.all()):
+            select_per_channel(module, torch.nonzero(k).view(-1), k.numel())
 
     @staticmethod
     def _shrink_constants(gm, node, keep: _Keep, sliced: set[str]) -> None:
         ax, k = keep.along(node.meta.get(meta.LABELS))
-        if k is None or bool(k.all()):
-            return
-        nd = node.meta["tensor_meta"].shape.__len__()
-        for a in node.all_input_nodes:
-            if a.op != "get_attr" or a.target in sliced:
-                continue
-            t = _get_attr(gm, a.target)
-            pa = ax - (nd - t.dim())
-            if pa < 0 or t.shape[pa] != k.numel():
-                continue
-            new = t.detach().index_select(pa, torch.nonzero(k).view(-1))
-            _set_attr(gm, a.target, nn.Parameter(new) if isinstance(t, nn.Parameter) else new)
-            sliced.add(a.target)
+        if k is not None and not bool(k.all()):
+            select_constants(gm, node, ax, torch.nonzero(k).view(-1), k.numel(), sliced)
 
     @staticmethod
     def _fix_literal_sizes(node, keep: _Keep) -> None:
