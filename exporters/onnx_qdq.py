@@ -70,7 +70,7 @@ def _float_twin(final: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if isinstance(module, QuantWeightMixin):
             plain = _PLAIN[type(module).__name__].__new__(_PLAIN[type(module).__name__])
             plain.__dict__.update(module.__dict__)
-            plain._buffers = {k: v for k, v in module._buffers.items() if k != "w_bits"}
+            plain._buffers = {k: v for k, v in module._buffers.items() if k not in ("w_bits", "w_range")}
             plain.weight = nn.Parameter(module.quant_weight().detach())
             _replace(twin, name, plain)
         elif isinstance(module, FakeQuantAct):

@@ -41,10 +41,16 @@ class FakeQuantAct(nn.Module):
 
 class QuantWeightMixin:
     """Weight fake-quantized per output channel at its frozen bit-width `w_bits[c]`, bias on
-    the int32 grid s_x * s_w[c] of integer accumulators."""
+    the int32 grid s_x * s_w[c] of integer accumulators.
 
-    def _init_quant(self, w_bits: torch.Tensor, input_quant: FakeQuantAct | None) -> None:
+    `w_range` (optional, per channel) is a floor under max|W_c|: the search model's range of a
+    channel whose input columns finalize removed (their weights set the search's scale; without
+    the floor the grid would get finer and the integers would change)."""
+
+    def _init_quant(self, w_bits: torch.Tensor, input_quant: FakeQuantAct | None,
+                    w_range: torch.Tensor | None = None) -> None:
         self.register_buffer("w_bits", w_bits.to(torch.long))
+        self.register_buffer("w_range", None if w_range is None else w_range.detach().clone())
         # the input's quantizer, not a submodule: the graph calls it; the layer reads its scale
         object.__setattr__(self, "input_quant", input_quant)
 
@@ -61,7 +67,10 @@ class QuantWeightMixin:
 
     def weight_scale(self) -> torch.Tensor:
         """Per-channel scale, shape (C_out,)."""
-        return weight_absmax(self.weight) / (2 ** (self.w_bits - 1) - 1).to(self.weight.dtype)
+        absmax = weight_absmax(self.weight)
+        if getattr(self, "w_range", None) is not None:
+            absmax = torch.maximum(absmax, self.w_range.to(absmax.dtype))
+        return absmax / (2 ** (self.w_bits - 1) - 1).to(self.weight.dtype)
 
     def weight_int(self) -> torch.Tensor:
         """The integer weights (as float tensor) inside each channel's signed range."""
@@ -73,14 +82,15 @@ class QuantWeightMixin:
         return self.weight_int() * self.weight_scale().view(-1, *([1] * (self.weight.dim() - 1)))
 
     @classmethod
-    def from_float(cls, module: nn.Module, w_bits: torch.Tensor, input_quant: FakeQuantAct | None):
+    def from_float(cls, module: nn.Module, w_bits: torch.Tensor, input_quant: FakeQuantAct | None,
+                   w_range: torch.Tensor | None = None):
         new = cls.__new__(cls)
         new.__dict__.update(module.__dict__)
         for attr in ("precisions", "zero_row"):
             new.__dict__.pop(attr, None)
         for buf in ("bits", "nonzero_rows", "unit_index"):
             new._buffers.pop(buf, None)
-        new._init_quant(w_bits, input_quant)
+        new._init_quant(w_bits, input_quant, w_range)
         return new
 
     def extra_repr(self) -> str:

@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from fxsearch import meta
 from fxsearch.errors import FinalizeError
 from fxsearch.final_modules import FakeQuantAct, QuantWeightMixin, quant_class_for
+from fxsearch.quantizers import weight_absmax
 
 from .channel_groups import ChannelAnalysis, varying_dims
 from .op_kinds import node_kind
@@ -181,6 +182,7 @@ class FinalizePass(PassBase):
         keep_out = unit_bits > 0
         keep_in = keep.mask(info.in_labels)
         w = layer.weight.detach()
+        search_range = weight_absmax(w)[keep_out]  # the search's per-channel scale, all columns in
         g = layer.groups if isinstance(layer, nn.modules.conv._ConvNd) else 1
         if g == 1:
             w = w[keep_out][:, keep_in]
@@ -203,7 +205,8 @@ class FinalizePass(PassBase):
             layer.out_channels, layer.in_channels = w.shape[0], w.shape[1] * layer.groups
         x = node.args[0]
         act = gm.get_submodule(x.target) if x.op == "call_module" and x.meta.get(meta.ROLE) == "act_quant" else None
-        _set_attr(gm, node.target, quant_class_for(layer).from_float(layer, unit_bits[keep_out], act))
+        w_range = search_range if bool((weight_absmax(w) < search_range).any()) else None  # removed columns held it
+        _set_attr(gm, node.target, quant_class_for(layer).from_float(layer, unit_bits[keep_out], act, w_range))
         node.args = (x,)
         node.meta[meta.ROLE] = "quant_layer"
 
@@ -290,6 +293,8 @@ class FinalizePass(PassBase):
                 bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
                 shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
                 layer.weight.mul_(factor.view(-1, *([1] * (layer.weight.dim() - 1))))
+                if layer.w_range is not None:
+                    layer.w_range = layer.w_range * factor.abs()
                 layer.bias = nn.Parameter((bias - bn.running_mean) * factor + shift)
             node.replace_all_uses_with(prev)
             gm.graph.erase_node(node)

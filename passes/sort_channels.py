@@ -138,6 +138,8 @@ def _permute_layer(layer: QuantWeightMixin, rows: torch.Tensor | None, cols: tor
     if layer.bias is not None:
         layer.bias = nn.Parameter(layer.bias.detach()[rows])
     layer.w_bits = layer.w_bits[rows]
+    if getattr(layer, "w_range", None) is not None:
+        layer.w_range = layer.w_range[rows]
     return rows.cpu()
 
 

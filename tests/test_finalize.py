@@ -180,3 +180,31 @@ def test_all_channels_at_zero_keeps_one():
         final = fxsearch.finalize(sm)
     assert all(m.weight.shape[0] >= 1 for m in final.modules() if isinstance(m, QuantWeightMixin))
     final(x)
+
+
+def test_removed_input_columns_keep_the_search_scale():
+    """A channel's weight scale is max|W_c| over all its input columns in the search model;
+    removing the column that held the max must not make the finalized grid finer."""
+    class TwoConvs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 5, 3, padding=1)
+
+        def forward(self, x):
+            return self.c2(torch.relu(self.c1(x)))
+
+    model = TwoConvs()
+    with torch.no_grad():
+        model.c2.weight[:, 0] *= 5  # input channel 0 holds every output channel's max
+    x = example_input(2)
+    sm = fxsearch.convert(model, (x,), w_precisions=(0, 4), a_precisions=(16,), input_bits=16)
+    with torch.no_grad():
+        for m in sm.modules():
+            if isinstance(m, GroupChoice):
+                m.alpha.copy_(torch.tensor([[-5.0], [5.0]]).expand_as(m.alpha))
+        sm.fxs_choices.g0.alpha[0, 0] = 10.0  # prune c1's channel 0
+    final = fxsearch.finalize(sm)
+    assert final.c2.weight.shape[1] == 3
+    with torch.no_grad():
+        want, got = sm.eval()(x), final(x)
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
