@@ -3,8 +3,9 @@
 - weight integers in the file equal the model's integers exactly (for the packed format, the
   concatenated sub-layer integers equal those of the model after the same channel sort);
 - every quantized activation agrees within 1 LSB of its scale (graph optimisation disabled,
-  the quantized tensors exposed as extra outputs): `over_one_lsb` is the fraction of
-  elements off by more than one step, which float rounding ties keep tiny but not zero;
+  the quantized tensors exposed as extra outputs), each PyTorch quantizer fed from
+  onnxruntime's upstream tensors (teacher forcing) so that a rounding tie flipped by a
+  different float summation order is counted where it happens instead of cascading;
 - the model outputs agree at disabled and at default graph optimisation.
 """
 from __future__ import annotations
@@ -32,21 +33,27 @@ class VerifyReport:
     weights_exact: bool
     max_abs_error: dict[str, float]   # per optimisation level, on the model outputs
     output_scale: float               # max |output| of the PyTorch model
-    worst_lsb: float                  # largest quantized-activation difference, in LSBs
-    over_one_lsb: float               # fraction of quantized elements off by more than 1 LSB
-    output_rtol: float = 0.05
-    lsb_fraction: float = 1e-3
+    worst_lsb: float                  # largest quantized-activation difference, in LSBs (teacher-forced)
+    over_one_lsb: float               # fraction of quantized elements off by more than 1 LSB (teacher-forced)
+    forced_error: float               # output difference with teacher forcing (float noise only)
+    # free-running outputs may differ by more: a rounding tie flipped early propagates, the
+    # more so through deep, untrained networks; this bound only catches gross errors
+    output_rtol: float = 0.25
+    forced_rtol: float = 1e-4
 
     @property
     def ok(self) -> bool:
-        close = all(e <= self.output_rtol * self.output_scale + 1e-5 for e in self.max_abs_error.values())
-        return self.weights_exact and close and self.over_one_lsb <= self.lsb_fraction
+        scale = self.output_scale + 1e-6
+        close = all(e <= self.output_rtol * scale for e in self.max_abs_error.values())
+        return (self.weights_exact and close and self.over_one_lsb == 0.0
+                and self.forced_error <= self.forced_rtol * scale)
 
     def summary(self) -> str:
         errs = ", ".join(f"{k} {v:.3g}" for k, v in self.max_abs_error.items())
-        return (f"{'OK' if self.ok else 'MISMATCH'}: weights exact={self.weights_exact}; output max abs error "
-                f"({errs}) on outputs up to {self.output_scale:.3g}; activations: worst {self.worst_lsb:.2f} LSB, "
-                f"{100 * self.over_one_lsb:.3f}% of elements beyond 1 LSB")
+        return (f"{'OK' if self.ok else 'MISMATCH'}: weights exact={self.weights_exact}; activations: worst "
+                f"{self.worst_lsb:.2f} LSB, {100 * self.over_one_lsb:.3f}% of elements beyond 1 LSB; outputs "
+                f"up to {self.output_scale:.3g}: teacher-forced error {self.forced_error:.3g}, free-running "
+                f"error ({errs})")
 
 
 def _session(model: onnx.ModelProto, level: str) -> ort.InferenceSession:
@@ -71,41 +78,51 @@ def verify_onnx(final: torch.fx.GraphModule, path: str, example_inputs: Sequence
             layer.weight_int().detach().cpu().numpy().astype(np.int64))
         for name, (layer, _) in layers.items())
 
-    # the dequantized input of every quantized layer, in ONNX and in PyTorch
-    ops = {json.loads(json.dumps(p.value)): n for n in model.graph.node for p in n.metadata_props
-           if p.key == "ai.fxsearch.layer"}
+    # the dequantized input of every quantized layer, in ONNX, and which quantizer makes it
+    ops = {p.value: n for n in model.graph.node for p in n.metadata_props if p.key == "ai.fxsearch.layer"}
     producers = {o: n for n in model.graph.node for o in n.output}
-    captured: dict[str, torch.Tensor] = {}
-    hooks = []
+    tensor_of: dict[int, tuple[torch.nn.Module, str]] = {}
     for name, (layer, act) in layers.items():
         if act is not None and name in ops:
             tensor = ops[name].input[0]
             while producers[tensor].op_type == "Slice":  # a packed grouped conv's sub-layer input
                 tensor = producers[tensor].input[0]
-            hooks.append(act.register_forward_hook(lambda m, i, o, t=tensor: captured.__setitem__(t, o.detach())))
+            tensor_of[id(act)] = (act, tensor)
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(model.graph.input, example_inputs)}
     final.eval()
     with torch.no_grad():
         want = [t.cpu().numpy() for t in tree_flatten(final(*example_inputs))[0]]
-    for h in hooks:
-        h.remove()
-    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(model.graph.input, example_inputs)}
-
     errors = {}
     for level in LEVELS:
         got = _session(model, level).run(None, feeds)
         errors[level] = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
 
+    # teacher forcing: each PyTorch quantizer continues from onnxruntime's upstream tensors,
+    # so a rounding tie flipped once is counted once instead of cascading downstream
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    names = list(captured)
+    names = sorted({t for _, t in tensor_of.values()})
     probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    extra = _session(probe, "disabled").run(names, feeds)
-    worst, over, total = 0.0, 0, 0
-    for name, got in zip(names, extra):
-        scale = float(numpy_helper.to_array(inits[name.removesuffix("_dq") + "_scale"]))
-        diff = np.abs(got - captured[name].cpu().numpy()) / scale
-        worst = max(worst, float(diff.max()))
-        over += int((diff > 1.001).sum())
-        total += diff.size
-    return VerifyReport(weights_exact, errors, max(float(np.abs(w).max()) for w in want), worst,
-                        over / max(total, 1))
+    ort_values = dict(zip(names, _session(probe, "disabled").run(names, feeds)))
+    stats = {"worst": 0.0, "over": 0, "total": 0}
+
+    def force(module, inputs, output, tensor):
+        reference = torch.from_numpy(ort_values[tensor]).to(output)
+        scale = float(numpy_helper.to_array(inits[tensor.removesuffix("_dq") + "_scale"]))
+        diff = (output - reference).abs() / scale
+        stats["worst"] = max(stats["worst"], float(diff.max()))
+        stats["over"] += int((diff > 1.001).sum())
+        stats["total"] += diff.numel()
+        return reference
+
+    hooks = [act.register_forward_hook(lambda m, i, o, t=tensor: force(m, i, o, t)) for act, tensor in tensor_of.values()]
+    try:
+        with torch.no_grad():
+            forced = [t.cpu().numpy() for t in tree_flatten(final(*example_inputs))[0]]
+    finally:
+        for h in hooks:
+            h.remove()
+    ort_outputs = _session(model, "disabled").run(None, feeds)
+    forced_error = max(float(np.abs(g - w).max()) for g, w in zip(ort_outputs, forced))
+    return VerifyReport(weights_exact, errors, max(float(np.abs(w).max()) for w in want), stats["worst"],
+                        stats["over"] / max(stats["total"], 1), forced_error)
