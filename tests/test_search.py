@@ -1,0 +1,255 @@
+"""Search driver, datasets and the sweep CLI (python -m fxsearch.search)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+import fxsearch
+from fxsearch import ConfigError
+from fxsearch.data import load_data
+from fxsearch.final_modules import QuantWeightMixin
+from fxsearch.search import (SearchResult, SearchSettings, evaluate, make_optimizers, run_search, search,
+                             sequential_search, warmup)
+
+
+class Tiny(nn.Module):
+    """conv-bn-relu x2, global pool, linear: small enough for a few CPU steps per test."""
+
+    def __init__(self, c_in: int = 1, width: int = 8, classes: int = 10):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.c2, self.b2 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+QUIET = dict(progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits8():
+    """Digits at 1x8x8, 320 training and 128 validation/test samples."""
+    return load_data("digits", channels=1, image_size=8).limited(320, 128)
+
+
+def loaders(data, batch: int = 32):
+    gen = torch.Generator().manual_seed(0)
+    return (DataLoader(data.train, batch_size=batch, shuffle=True, generator=gen),
+            DataLoader(data.val, batch_size=128), DataLoader(data.test, batch_size=128))
+
+
+# ---- datasets ------------------------------------------------------------------------------
+def test_digits_splits_are_fixed_stratified_and_disjoint():
+    a, b = load_data("digits"), load_data("digits", channels=1, image_size=8)
+    assert a.input_shape == (3, 16, 16) and b.input_shape == (1, 8, 8) and a.num_classes == 10
+    assert (len(a.train), len(a.val), len(a.test)) == (1079, 359, 359)
+    assert torch.equal(a.test.labels, b.test.labels)             # same split whatever the shape
+    assert torch.equal(a.test.labels, load_data("digits").test.labels)
+    counts = torch.bincount(a.val.labels, minlength=10)
+    assert counts.min() >= 34 and counts.max() <= 37               # stratified
+    x, y = a.val[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert torch.equal(x[0], x[1])                                 # gray repeated over channels
+
+
+def write_cifar(root, per_batch: int = 6, test: int = 8, seed: int = 0) -> str:
+    """A tiny copy of CIFAR-10's python format: cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+
+    def batch(name, n):
+        entry = {"batch_label": name, "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "labels": [int(v) for v in rng.integers(0, 10, n)], "filenames": [f"{k}.png" for k in range(n)]}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(entry, f)
+
+    for k in range(1, 6):
+        batch(f"data_batch_{k}", per_batch)
+    batch("test_batch", test)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [f"class{k}" for k in range(10)], "num_vis": 3072}, f)
+    return str(root)
+
+
+def test_cifar10_reads_the_python_format(tmp_path):
+    root = write_cifar(tmp_path)
+    data = load_data(f"cifar10:{root}")
+    assert data.num_classes == 10 and data.input_shape == (3, 32, 32)
+    assert (len(data.train), len(data.val), len(data.test)) == (27, 3, 8)
+    with open(os.path.join(root, "cifar-10-batches-py", "test_batch"), "rb") as f:
+        raw = pickle.load(f)
+    x, y = data.test[2]
+    assert y == raw["labels"][2] and x.shape == (3, 32, 32)
+    expected = torch.tensor(raw["data"][2], dtype=torch.float32).view(3, 32, 32) / 255
+    mean, std = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.2470, 0.2435, 0.2616])
+    torch.testing.assert_close(x, (expected - mean.view(3, 1, 1)) / std.view(3, 1, 1))
+    assert data.train[0][0].shape == (3, 32, 32)                 # augmented crops keep the shape
+
+
+def test_missing_or_bad_dataset_paths_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_data(f"cifar10:{tmp_path}/nowhere")
+    with pytest.raises(ConfigError, match="data_batch_1 not found"):
+        load_data(f"cifar10:{tmp_path}")
+    with pytest.raises(ConfigError, match="no such file"):
+        load_data(f"imagefolder:{tmp_path}/nowhere")
+    with pytest.raises(ConfigError, match="unknown dataset"):
+        load_data("mnist")
+    with pytest.raises(ConfigError, match="needs a path"):
+        load_data("cifar10")
+
+
+def test_imagefolder_splits_one_folder(tmp_path):
+    from PIL import Image
+    for c in ("cat", "dog"):
+        os.makedirs(tmp_path / c)
+        for k in range(10):
+            Image.new("RGB", (20, 24), (k * 20, 0, 0)).save(tmp_path / c / f"{k}.png")
+    data = load_data(f"imagefolder:{tmp_path}", image_size=12)
+    assert data.num_classes == 2 and data.input_shape == (3, 12, 12)
+    assert (len(data.train), len(data.val), len(data.test)) == (16, 2, 2)
+    assert data.test[0][0].shape == (3, 12, 12)
+
+
+# ---- the driver ----------------------------------------------------------------------------
+def test_search_trains_and_a_large_lambda_cuts_the_cost(digits8):
+    train, val, _ = loaders(digits8)
+    torch.manual_seed(0)
+    model = Tiny()
+    warmup(model, train, val, 2, SearchSettings(**QUIET))
+    example = (next(iter(train))[0],)
+
+    sm = fxsearch.convert(model, example)
+    history = run_search(sm, train, val, 0.0, SearchSettings(epochs=3, patience=0, **QUIET))
+    assert history[-1]["task"] < history[0]["task"]              # the task loss falls
+    assert history[1]["temperature"] == pytest.approx(history[0]["temperature"] * math.exp(-0.045))
+
+    sm = fxsearch.convert(model, example, sampling="hard")
+    start = sm.discrete_cost()
+    history = run_search(sm, train, val, 50.0, SearchSettings(epochs=3, patience=0, arch_lr=0.5, **QUIET))
+    assert sm.discrete_cost() < 0.5 * start                       # the cost falls under a large lambda
+    assert history[-1]["argmax_cost"] == pytest.approx(sm.discrete_cost())
+    assert not sm.training
+
+
+def test_optimisers_follow_the_protocol():
+    sm = fxsearch.convert(Tiny(), (torch.randn(2, 1, 8, 8),))
+    opt_w, opt_a = make_optimizers(sm)
+    assert isinstance(opt_w, torch.optim.Adam) and isinstance(opt_a, torch.optim.SGD)
+    decayed = {id(p) for g in opt_w.param_groups if g["weight_decay"] == 1e-4 for p in g["params"]}
+    free = {id(p) for g in opt_w.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {id(p) for p in sm.quantizer_parameters()} == free
+    assert decayed | free == {id(p) for p in sm.weight_parameters()}
+    assert opt_a.param_groups[0]["lr"] == 1e-2 and opt_a.param_groups[0]["momentum"] == 0.9
+    assert opt_a.param_groups[0]["weight_decay"] == 0 and opt_w.param_groups[0]["lr"] == 1e-3
+    with pytest.raises(ConfigError):
+        SearchSettings(epochs=-1)
+
+
+def test_search_returns_a_finalized_fine_tuned_model(digits8):
+    train, val, test = loaders(digits8)
+    torch.manual_seed(0)
+    settings = SearchSettings(epochs=2, finetune_epochs=1, arch_lr=0.1, **QUIET)
+    result = search(Tiny(), train, val, test, lam=0.5, settings=settings, warmup_epochs=1, sampling="hard")
+    assert isinstance(result, SearchResult)
+    assert 0 <= result.accuracy <= 1 and result.float_accuracy is not None
+    assert list(result.costs)[0] == "size" and result.costs["size_bytes"] == result.costs["size"] / 8
+    assert {"search", "finetune", "warmup", "total"} <= set(result.timings)
+    assert any(isinstance(m, QuantWeightMixin) for m in result.final.modules())
+    assert result.accuracy == pytest.approx(evaluate(result.final, test)[0])
+    assert [r["layer"] for r in result.layers] == ["c1", "c2", "fc"]
+    for r in result.layers:
+        assert r["channels_kept"] == len(r["w_bits"]) <= r["channels_original"]
+    counted = fxsearch.cost_models.count_cost(result.final, (torch.randn(1, 1, 8, 8),), "size")
+    assert result.costs["size"] == pytest.approx(counted)
+    assert result.search_model.discrete_cost() == pytest.approx(result.costs["size"])
+
+
+def test_sequential_baseline_prunes_then_quantizes(digits8):
+    train, val, test = loaders(digits8)
+    torch.manual_seed(0)
+    settings = SearchSettings(epochs=2, finetune_epochs=1, arch_lr=0.5, **QUIET)
+    result = sequential_search(Tiny(), train, val, test, lam=5.0, settings=settings, sampling="hard")
+    bits = {b for r in result.layers for b in r["w_bits"]}
+    assert bits <= {2, 4, 8}
+    assert [r["channels_original"] for r in result.layers] == [8, 8, 10]
+    assert {"prune_search", "precision_search", "search", "total"} <= set(result.timings)
+    assert {"prune_search", "precision_search"} <= set(result.history)
+    with pytest.raises(ConfigError, match="must not hold 0"):
+        sequential_search(Tiny(), train, val, test, lam=1.0, settings=settings, w_precisions=(0, 4))
+
+
+# ---- the CLI -------------------------------------------------------------------------------
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fxsearch.search", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_cli_help_and_usage_errors(tmp_path):
+    done = cli("--help")
+    assert done.returncode == 0 and "--lambdas" in done.stdout and "--limit-train" in done.stdout
+    for bad in (["--lambdas", "one"], ["--epochs", "-3"], ["--data", "mnist"], ["--baselines", "w3a8"],
+                ["--cost", "watts"], ["--no-such-option"]):
+        done = cli(*bad)
+        assert done.returncode == 2, bad
+        assert "usage:" in done.stderr
+    done = cli("--data", f"cifar10:{tmp_path}/nowhere", "--out", str(tmp_path / "run"))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ConfigError: cifar10:")
+
+
+TINY_RUN = ("--lambdas", "2", "--baselines", "w8a8", "--epochs", "1", "--warmup-epochs", "1",
+            "--finetune-epochs", "1", "--limit-train", "96", "--limit-eval", "64", "--batch-size", "32", "-q")
+
+
+def test_cli_writes_a_resumable_run_directory(tmp_path):
+    out = tmp_path / "run"
+    done = cli(*TINY_RUN, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    for rel in ("settings.json", "warmup.pt", "warmup.json", "pareto.csv", "pareto.png",
+                "joint/lambda_2/report.json", "joint/lambda_2/model.onnx", "joint/lambda_2/search.pt",
+                "joint/lambda_2/final.pt", "uniform/w8a8/report.json", "uniform/w8a8/model.onnx"):
+        assert (out / rel).is_file(), rel
+    assert not [p for p in out.rglob("*.tmp")]
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "joint/lambda_2/report.json").read_text())
+    assert report["kind"] == "joint" and report["lambda"] == 2 and 0 <= report["accuracy"] <= 1
+    assert report["costs"]["size_bytes"] > 0 and report["layers"][0]["layer"] == "conv"
+    assert {"channels_kept", "channels_original", "w_bits", "a_bits"} <= set(report["layers"][0])
+    rows = list(csv.DictReader((out / "pareto.csv").open()))
+    assert [(r["kind"], r["name"]) for r in rows] == [("joint", "lambda_2"), ("uniform", "w8a8")]
+    assert float(rows[1]["size_bytes"]) == 77360 and {"lambda", "accuracy", "wall_s", "on_front"} <= set(rows[0])
+    assert "plot:" in done.stdout and "model.onnx" in done.stdout
+
+    sm = fxsearch.load(out / "joint/lambda_2/search.pt")         # the checkpoint rebuilds
+    final = fxsearch.finalize(sm)
+    final.load_state_dict(torch.load(out / "joint/lambda_2/final.pt", weights_only=True))
+
+    stamp = (out / "joint/lambda_2/report.json").stat().st_mtime_ns
+    again = cli(*TINY_RUN[:-1], "--out", str(out), "--lambdas", "2,3")   # resume, one more lambda
+    assert again.returncode == 0, again.stderr
+    assert "joint lambda_2: done before" in again.stderr and "uniform w8a8: done before" in again.stderr
+    assert "warm-up: read" in again.stderr
+    assert (out / "joint/lambda_2/report.json").stat().st_mtime_ns == stamp
+    assert (out / "joint/lambda_3/report.json").is_file()
+    assert len(list(csv.DictReader((out / "pareto.csv").open()))) == 3
+
+    changed = cli(*TINY_RUN, "--out", str(out), "--epochs", "2")
+    assert changed.returncode == 1 and "error: ConfigError: run directory" in changed.stderr
+    assert "epochs=1" in changed.stderr
