@@ -221,7 +221,10 @@ def layer_summary(final: torch.fx.GraphModule) -> list[dict]:
 
 
 def _bias_int32(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(bias.astype(np.float64) / scale), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+    """round(bias / scale) in float32, as the finalized model computes it (QuantWeightMixin.quant_bias):
+    in float64 a quotient on a rounding tie in float32 may fall on the other side."""
+    q = np.round(bias.astype(np.float32) / np.asarray(scale).astype(np.float32))
+    return np.clip(q.astype(np.float64), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
 
 
 def _dequantize_bias(rw: _Rewriter, bias: str, a_scale: float | None, w_scale: np.ndarray) -> None:

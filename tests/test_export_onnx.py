@@ -109,3 +109,16 @@ def test_rejects_search_model(tmp_path):
     sm = fxsearch.convert(M.PlainChain(), (x,))
     with pytest.raises(fxsearch.ExportError, match="finalize"):
         export_onnx(sm, tmp_path / "m.onnx", (x,))
+
+
+def test_bias_integers_round_as_the_model_does():
+    """The int32 bias is round(b / (s_x s_w)) computed as QuantWeightMixin.quant_bias does, in
+    float32: near-ties rounded in float64 would land one step off."""
+    from fxsearch.exporters.onnx_qdq import _bias_int32
+
+    g = torch.Generator().manual_seed(0)
+    step = torch.rand(4096, generator=g) * 0.3 + 1e-3
+    bias = (step * (torch.randint(-50, 50, (4096,), generator=g) + 0.5)).float()  # near-ties
+    want = torch.round(bias / step).to(torch.int64).numpy()
+    got = _bias_int32(bias.numpy(), step.double().numpy())
+    assert (got == want).all()
