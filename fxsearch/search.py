@@ -53,7 +53,7 @@ class SearchSettings:
 
     epochs: int = 30                 # search epochs at most (early stopping may end sooner)
     finetune_epochs: int = 10        # QAT epochs after finalize; the best validation epoch is kept
-    patience: int = 5                # stop after this many epochs without a better val accuracy (0: never)
+    patience: int = 0                # stop after this many epochs without a better val accuracy (0: never)
     lr: float = 1e-3                 # Adam on the weights
     weight_decay: float = 1e-4       # on the weights, never on the activation clip bounds
     arch_lr: float = 1e-2            # SGD on the choice logits
@@ -195,6 +195,7 @@ def _epoch(model: nn.Module, loader: Loader, optimizers: Sequence[torch.optim.Op
         loss.backward()
         for opt in optimizers:
             opt.step()
+        _bracket_zero(model)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v
         n += 1
@@ -203,6 +204,16 @@ def _epoch(model: nn.Module, loader: Loader, optimizers: Sequence[torch.optim.Op
     if n == 0:
         raise ConfigError("the training loader yielded no batches")
     return {k: v / n for k, v in sums.items()}
+
+
+@torch.no_grad()
+def _bracket_zero(model: nn.Module) -> None:
+    """Keep every learned activation range [lo, hi] around 0 (lo <= 0 <= hi): a signed range
+    that drifted to lo > 0 (inputs in [0, 1]) has no integer zero point in the uint8 grid."""
+    for m in model.modules():
+        if isinstance(m, (ActSearch, FakeQuantAct)) and isinstance(m.lo, nn.Parameter):
+            m.lo.clamp_(max=0.0)
+            m.hi.clamp_(min=0.0)
 
 
 def _say(settings: SearchSettings, msg: str) -> None:

@@ -41,7 +41,7 @@ import torch
 from .errors import ConfigError, FxSearchError
 
 BASELINES = ("w8a8", "w4a8", "w2a8")
-DEFAULT_LAMBDAS = "2,4,8"
+DEFAULT_LAMBDAS = "1,2,4,8"
 ACT_INDEPENDENT = ("size", "size_bytes", "params", "macs")   # costs blind to activation bits
 # options that shape the results: a run directory keeps them in settings.json
 RESULT_OPTIONS = ("model", "model_kwargs", "data", "image_size", "cost", "w_precisions", "a_precisions",
@@ -151,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="uniform baselines trained for the same epochs (default w8a8,w4a8,w2a8; 'none')")
     a("--sequential", action="store_true",
       help="also run the sequential baseline per lambda: prune-only search (0,8), then 2,4,8 on the pruned model")
-    a("--epochs", type=_count, default=12, metavar="N", help="search epochs at most (default 12)")
-    a("--warmup-epochs", type=_count, default=8, metavar="N", help="float warm-up epochs (default 8)")
-    a("--finetune-epochs", type=_count, default=4, metavar="N", help="fine-tune (QAT) epochs (default 4)")
-    a("--patience", type=_count, default=5, metavar="N", help="early stopping patience in epochs, 0: off (default 5)")
+    a("--epochs", type=_count, default=15, metavar="N", help="search epochs at most (default 15)")
+    a("--warmup-epochs", type=_count, default=10, metavar="N", help="float warm-up epochs (default 10)")
+    a("--finetune-epochs", type=_count, default=5, metavar="N", help="fine-tune (QAT) epochs (default 5)")
+    a("--patience", type=_count, default=0, metavar="N",
+      help="stop the search after N epochs without a better validation accuracy (default 0: off; "
+           "the accuracy falls while the search compresses, so early stopping ends it early)")
     a("--lambda-ramp-epochs", type=_count, default=4, metavar="N",
       help="raise lambda linearly from 0 over the first N search epochs (default 4)")
     a("--no-normalize-cost", dest="normalize_cost", action="store_false",
@@ -412,8 +414,9 @@ class Sweep:
         example = self.example()
         if kind != "sequential":   # a sequential run's search model is of the pruned network: no model_ref
             path = os.path.join(folder, "search.pt")
+            # batch 2: rebuilding runs the model once with BatchNorm in training mode
             save(result.search_model, path, model_ref=self.ref, model_kwargs=self.kwargs,
-                 example_shapes=[tuple(t.shape) for t in example],
+                 example_shapes=[(2, *t.shape[1:]) for t in example],
                  extra={"kind": kind, "lambda": result.lam, "accuracy": result.accuracy})
             files["checkpoint"] = path
         path = os.path.join(folder, "final.pt")
@@ -443,7 +446,8 @@ class Sweep:
             "costs": result.costs, "totals": totals,
             "timings": {**result.timings, "warmup_shared": self.warmup_s},
             "search_epochs": result.search_epochs,
-            "files": {k: (os.path.relpath(v, self.out) if isinstance(v, str) else v) for k, v in files.items()},
+            "files": {k: (os.path.relpath(v, self.out) if k in ("checkpoint", "final_state", "onnx") else v)
+                      for k, v in files.items()},
             "layers": layers, "history": result.history,
         }
 
@@ -538,7 +542,9 @@ def plot_front(rows: list[dict[str, Any]], path: str, cost: str, title: str) -> 
         if not pts:
             continue
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        ax.scatter(xs, ys, marker=marker, color=color, label=label, zorder=3)
+        wall = sum(p[2]["wall_s"] for p in pts)
+        ax.scatter(xs, ys, marker=marker, color=color, zorder=3,
+                   label=f"{label}: {len(pts)} run{'s' * (len(pts) > 1)}, {wall:.0f} s")
         if kind != "uniform":
             front, best = [], -1.0
             for x, y, _ in pts:

@@ -21,6 +21,7 @@ from fxsearch.data import load_data
 from fxsearch.final_modules import QuantWeightMixin
 from fxsearch.search import (SearchResult, SearchSettings, evaluate, make_optimizers, run_search, search,
                              sequential_search, warmup)
+from fxsearch.search_cli import main
 
 
 class Tiny(nn.Module):
@@ -201,17 +202,17 @@ def cli(*args, cwd=None):
                           cwd=cwd, timeout=300)
 
 
-def test_cli_help_and_usage_errors(tmp_path):
+def test_cli_help_and_usage_errors(tmp_path, capsys):
     done = cli("--help")
     assert done.returncode == 0 and "--lambdas" in done.stdout and "--limit-train" in done.stdout
-    for bad in (["--lambdas", "one"], ["--epochs", "-3"], ["--data", "mnist"], ["--baselines", "w3a8"],
-                ["--cost", "watts"], ["--no-such-option"]):
-        done = cli(*bad)
-        assert done.returncode == 2, bad
-        assert "usage:" in done.stderr
-    done = cli("--data", f"cifar10:{tmp_path}/nowhere", "--out", str(tmp_path / "run"))
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1].startswith("error: ConfigError: cifar10:")
+    done = cli("--lambdas", "one")
+    assert done.returncode == 2 and "usage:" in done.stderr
+    for bad in (["--epochs", "-3"], ["--data", "mnist"], ["--baselines", "w3a8"], ["--cost", "watts"],
+                ["--a-precisions", "8,x"], ["--no-such-option"]):
+        assert main(bad) == 2, bad
+        assert "usage:" in capsys.readouterr().err
+    assert main(["--data", f"cifar10:{tmp_path}/nowhere", "--out", str(tmp_path / "run"), "-q"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ConfigError: cifar10:")
 
 
 TINY_RUN = ("--lambdas", "2", "--baselines", "w8a8", "--epochs", "1", "--warmup-epochs", "1",
