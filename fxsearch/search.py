@@ -8,8 +8,15 @@
 The protocol is the reference's (METHOD.md): weights Adam (lr 1e-3, weight decay 1e-4, none on
 the activation clip bounds), choice logits SGD (lr 1e-2, momentum 0.9, no decay), both stepped
 on the same batch with loss = task + lambda * cost; temperature annealed once per epoch
-(tau <- tau * exp(-0.045)); early stopping on the validation accuracy of the argmax
-architecture. Then finalize, fine-tune with frozen precisions, evaluate on the test set.
+(tau <- tau * exp(-0.045)); optional early stopping (``patience``) on the validation accuracy
+of the network the search trains. Then finalize, fine-tune with frozen precisions (the best
+validation epoch is kept), evaluate on the test set.
+
+Two departures, both measured on digits (README, Search): BatchNorm keeps the statistics of
+the warm-up during the search (``freeze_bn``; the model's BatchNorm must be trained), because
+with batch statistics shrinking every channel of a layer by 1 - theta[0] is invisible to the
+task loss, nothing resists pruning and whole layers reach 0 bits in one epoch; and early
+stopping is off by default, since the accuracy falls while the search compresses.
 
 lambda is scale-free by default: the cost is divided by its value at the start of the search
 (``normalize_cost``), so lambda = 1 weighs the whole initial cost like one nat of
@@ -49,7 +56,7 @@ Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclasses.dataclass
 class SearchSettings:
-    """Hyper-parameters of one search (defaults: the reference protocol, short epochs)."""
+    """Hyper-parameters of one search (defaults: the reference protocol but freeze_bn and patience)."""
 
     epochs: int = 30                 # search epochs at most (early stopping may end sooner)
     finetune_epochs: int = 10        # QAT epochs after finalize; the best validation epoch is kept
@@ -61,7 +68,7 @@ class SearchSettings:
     finetune_lr: float = 1e-3
     anneal_rate: float = 0.045       # tau <- tau * exp(-anneal_rate) after every search epoch
     normalize_cost: bool = True      # divide the cost by its value at the start: lambda is scale-free
-    freeze_bn: bool = True           # BatchNorm keeps its warm-up statistics during the search (see below)
+    freeze_bn: bool = True           # BatchNorm keeps its (warm-up) statistics during the search
     restore_best: bool = False       # end the search in its best validation epoch (after the ramp), not its last
     lambda_ramp_epochs: int = 0      # lambda grows linearly from 0 over this many epochs
     device: str = "auto"             # "auto", "cpu", "cuda", "cuda:1", ...
@@ -401,7 +408,9 @@ def search(model: nn.Module, train_loader: Loader, val_loader: Loader, test_load
            criterion: Criterion = F.cross_entropy, **convert_options: Any) -> SearchResult:
     """Warm-up (optional, trains ``model`` in place), convert, search, finalize, fine-tune and
     evaluate. ``convert_options``: fxsearch.convert's (w_precisions, a_precisions, ...);
-    ``example_inputs`` default to a batch of the training loader."""
+    ``example_inputs`` default to a batch of the training loader. With ``settings.freeze_bn``
+    (the default) the model's BatchNorm statistics must be trained: warm it up (here or with
+    ``warmup``), start from trained weights, or set freeze_bn=False."""
     s = settings or SearchSettings()
     dev = resolve_device(s.device)
     t0 = time.perf_counter()
