@@ -458,14 +458,7 @@ class ChannelGroupPass(PassBase):
         self.exclude = exclude
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        interp = _LabelInterpreter(gm, self.exclude)
-        saved = [(b, b.clone()) for b in gm.buffers()]
-        with torch.no_grad():
-            try:
-                interp.run(*self.example_inputs)
-            finally:  # a run in train mode updates BatchNorm running stats: undo it
-                for b, value in saved:
-                    b.copy_(value)
+        interp = self._run(gm)
         analysis = interp.resolve()
         if not analysis.layers:
             raise UnsupportedModelError(
@@ -474,3 +467,25 @@ class ChannelGroupPass(PassBase):
             )
         gm.meta[meta.ANALYSIS] = analysis
         return PassResult(gm, False)
+
+    def _run(self, gm: torch.fx.GraphModule) -> _LabelInterpreter:
+        """One labelled run in the model's own mode (activation ranges as in training); where
+        train mode cannot run on these inputs (BatchNorm on a batch of one), in eval mode."""
+        saved = [(b, b.clone()) for b in gm.buffers()]
+        was_training = gm.training
+        try:
+            with torch.no_grad():
+                try:
+                    interp = _LabelInterpreter(gm, self.exclude)
+                    interp.run(*self.example_inputs)
+                except Exception:
+                    if not was_training:
+                        raise
+                    gm.eval()
+                    interp = _LabelInterpreter(gm, self.exclude)
+                    interp.run(*self.example_inputs)
+        finally:  # a run in train mode updates BatchNorm running stats: undo it
+            for b, value in saved:
+                b.copy_(value)
+            gm.train(was_training)
+        return interp
