@@ -14,46 +14,40 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 def weight_absmax(w: torch.Tensor) -> torch.Tensor:
     """max|W_c| per output channel (dim 0), the range of symmetric per-channel quantization."""
-    return w.detach().abs().flatten(1).amax(1).clamp_min(EPS)
+    return torch.linalg.vector_norm(w.detach().flatten(1), float("inf"), dim=1).clamp_min(EPS)
 
 
-def _weight_grid(w: torch.Tensor, scale: torch.Tensor, qmax: float) -> torch.Tensor:
-    """round(W / s) clamped to the signed range, times s (one precision, channel scales `scale`)."""
-    shape = (-1,) + (1,) * (w.dim() - 1)
-    return torch.round(w / scale.view(shape)).clamp_(-qmax - 1, qmax).mul_(scale.view(shape))
+def _stacked(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """(P, ...) per-precision values shaped to broadcast against a stacked (P, *shape) tensor."""
+    return v.reshape(*v.shape, *([1] * (dim + 1 - v.dim())))
 
 
 class MixedWeightQuant(torch.autograd.Function):
-    """W_hat_c = sum_p theta[p, c] * Q_p(W_c) without materialising one weight copy per precision.
+    """W_hat_c = sum_p theta[p, c] * Q_p(W_c), all precisions in one stacked pass.
 
+    Q_p(W_c) = round(W_c / s_pc) * s_pc with s_pc = max|W_c| / (2^(b_p - 1) - 1). The signed range
+    clamp of the definition never acts: |W / s| <= max|W| / s rounds to at most 2^(b-1) - 1
+    (division and rounding are monotonic and max|W| / s is within 2 ulp of it), so it is left out.
     Straight-through rounding: dW_hat/dW = sum_p theta[p, c] (the scale is max|W_c|, which
     symmetric quantization never clips); dW_hat/dtheta[p, c] = Q_p(W_c), recomputed in backward.
     """
 
     @staticmethod
     def forward(ctx, w, theta, bits):  # theta (P, C_out) for the non-zero precisions in `bits`
-        absmax = weight_absmax(w)
-        out = torch.zeros_like(w)
-        shape = (-1,) + (1,) * (w.dim() - 1)
-        for p, b in enumerate(bits.tolist()):
-            qmax = 2.0 ** (b - 1) - 1
-            out.add_(_weight_grid(w, absmax / qmax, qmax).mul_(theta[p].view(shape)))
-        ctx.save_for_backward(w, theta, bits)
+        scale = weight_absmax(w) / (2.0 ** (bits - 1) - 1).unsqueeze(1)  # (P, C_out)
+        s = _stacked(scale, w.dim())
+        out = torch.div(w, s).round_().mul_(s).mul_(_stacked(theta, w.dim())).sum(0)
+        ctx.save_for_backward(w, theta, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        w, theta, bits = ctx.saved_tensors
-        shape = (-1,) + (1,) * (w.dim() - 1)
-        grad_w = grad * theta.sum(0).view(shape) if ctx.needs_input_grad[0] else None
+        w, theta, scale = ctx.saved_tensors
+        grad_w = grad * _stacked(theta.sum(0), w.dim() - 1) if ctx.needs_input_grad[0] else None
         grad_theta = None
-        if ctx.needs_input_grad[1]:
-            absmax = weight_absmax(w)
-            rows = []
-            for b in bits.tolist():
-                qmax = 2.0 ** (b - 1) - 1
-                rows.append((grad * _weight_grid(w, absmax / qmax, qmax)).flatten(1).sum(1))
-            grad_theta = torch.stack(rows)
+        if ctx.needs_input_grad[1]:  # <grad_c, Q_p(W_c)> = s_pc * <grad_c, round(W_c / s_pc)>
+            codes = torch.div(w, _stacked(scale, w.dim())).round_().mul_(grad)
+            grad_theta = codes.flatten(2).sum(2) * scale
         return grad_w, grad_theta, None
 
 
@@ -69,70 +63,102 @@ def act_scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor)
     return scale, zero_point
 
 
-def _act_codes(y: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    """round(y / s) + zp, before clamping to the levels."""
-    return torch.round(y / scale).add_(zero_point)
+def _saturates(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, levels: torch.Tensor) -> bool:
+    """Whether a code of clip(x, lo, hi) can leave [0, 2^p - 1], or the clip range is empty.
+
+    round(y / s) is monotonic in y, so the codes of the clip bounds decide for every y in
+    [lo, hi]; they leave the range only at rounding ties or float error near the bounds.
+    """
+    ends = torch.round(torch.stack([lo, hi]).unsqueeze(1) / scale) + zp  # (2, P)
+    return bool(((ends < 0) | (ends > levels)).any() | (lo > hi))
 
 
 class MixedActQuant(torch.autograd.Function):
-    """x_hat = sum_p theta[p] * Q_p(clip(x, lo, hi)) in one pass per precision (PACT, STE).
+    """x_hat = mask * sum_p theta[p] * Q_p(clip(x, lo, hi)), all precisions in one stacked pass (PACT, STE).
 
-    Q_p(y) = (clamp(round(y / s_p) + zp_p, 0, 2^p - 1) - zp_p) * s_p with s_p = (hi - lo) / (2^p - 1).
+    Q_p(y) = (clamp(round(y / s_p) + zp_p, 0, 2^p - 1) - zp_p) * s_p with s_p = (hi - lo) / (2^p - 1),
+    computed as clamp(round(y / s_p), -zp_p, 2^p - 1 - zp_p) * s_p (the same integers); the
+    clamp is skipped when no code can saturate (see _saturates). `mask` (optional, broadcast
+    against x) zeroes pruned channels; multiplying it here saves a pass and a saved tensor.
     Gradients: x passes where lo <= x <= hi and the code is not saturated; theta[p] gets
     <g, Q_p(y)>; the clip bounds get the PACT gradient (inputs beyond the bound) plus the
-    rounding error through the scale. Backward recomputes Q_p instead of saving P copies.
+    rounding error through the scale; the mask gets sum_p theta[p] Q_p(y) summed over the
+    dims it broadcasts along. Backward recomputes the codes instead of saving them.
     """
 
     @staticmethod
-    def forward(ctx, x, lo, hi, theta, bits):
+    def forward(ctx, x, lo, hi, theta, bits, mask=None):
         scale, zp = act_scale_zero_point(lo, hi, bits)
         levels = 2 ** bits - 1
-        y = torch.clamp(x, lo, hi)
-        out = torch.zeros_like(x)
-        skip_idle = not any(ctx.needs_input_grad)
-        for p in range(len(bits)):
-            if skip_idle and float(theta[p]) == 0.0:
-                continue
-            q = _act_codes(y, scale[p], zp[p]).clamp_(0, float(levels[p]))
-            out.add_(q.sub_(zp[p]).mul_(scale[p] * theta[p]))
-        ctx.save_for_backward(x, lo, hi, theta, bits)
+        if not any(ctx.needs_input_grad) and bool((theta == 0).any()):  # inference: skip idle precisions
+            keep = theta != 0
+            scale, zp, levels, theta = scale[keep], zp[keep], levels[keep], theta[keep]
+        saturates = _saturates(lo, hi, scale, zp, levels)
+        codes = torch.div(torch.clamp(x, lo, hi), _stacked(scale, x.dim())).round_()
+        if saturates:
+            codes.clamp_(_stacked(-zp, x.dim()), _stacked(levels - zp, x.dim()))
+        out = codes.mul_(_stacked(scale * theta, x.dim())).sum(0)  # the sum also turns -0.0 into 0.0
+        if mask is not None:
+            out.mul_(mask)
+        ctx.saturates = saturates
+        ctx.save_for_backward(x, lo, hi, theta, bits, mask)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, lo, hi, theta, bits = ctx.saved_tensors
-        need_x, need_lo, need_hi, need_theta, _ = ctx.needs_input_grad
+        x, lo, hi, theta, bits, mask = ctx.saved_tensors
+        need_x, need_lo, need_hi, need_theta, _, need_mask = ctx.needs_input_grad
         scale, zp = act_scale_zero_point(lo, hi, bits)
         levels = 2 ** bits - 1
-        grad_x = torch.zeros_like(x) if need_x else None
-        grad_theta = torch.zeros_like(theta) if need_theta else None
-        grad_lo = torch.zeros_like(lo) if need_lo else None
-        grad_hi = torch.zeros_like(hi) if need_hi else None
-        y = torch.clamp(x, lo, hi)
-        clipped = ((x >= lo) & (x <= hi)).to(grad.dtype)
-        above, below = (x > hi).to(grad.dtype), (x < lo).to(grad.dtype)
-        for p in range(len(bits)):
-            v = _act_codes(y, scale[p], zp[p])
-            inside = ((v >= 0) & (v <= levels[p])).to(grad.dtype)  # code not saturated
-            pass_y = grad * inside
+        d, P = x.dim(), len(bits)
+        # Rows of one stacked buffer, each summed against grad in one pass: the codes Q_p / s_p,
+        # then y, [x > hi], [x < lo] restricted to unsaturated codes (one row each when no code
+        # saturates, else one per precision).
+        per = P if ctx.saturates else 1
+        blocks = 1 + need_hi + need_lo
+        rows = x.new_empty((P + per * blocks, *x.shape))
+        y = torch.clamp(x, lo, hi, out=rows[P])
+        codes = torch.div(y, _stacked(scale, d), out=rows[:P]).round_()
+        starts = [P + per * b for b in range(blocks)]
+        if need_hi:
+            torch.gt(x, hi, out=rows[starts[1]])
+        if need_lo:
+            torch.lt(x, lo, out=rows[starts[-1]])
+        grad_x = None
+        if ctx.saturates:
+            inside = (codes >= _stacked(-zp, d)) & (codes <= _stacked(levels - zp, d))
+            codes.clamp_(_stacked(-zp, d), _stacked(levels - zp, d))
             if need_x:
-                grad_x.add_(pass_y * clipped, alpha=float(theta[p]))
-            q = v.clamp_(0, float(levels[p])).sub_(zp[p])
-            if need_theta:
-                grad_theta[p] = (grad * q).sum() * scale[p]
-            if need_lo or need_hi:
-                d_scale = (grad * q - pass_y * y / scale[p]).sum() * theta[p]
-                if need_hi:
-                    grad_hi += d_scale / levels[p] + theta[p] * (pass_y * above).sum()
-                if need_lo:
-                    grad_lo += -d_scale / levels[p] + theta[p] * (pass_y * below).sum()
-        return grad_x, grad_lo, grad_hi, grad_theta, None
+                weight = (inside * _stacked(theta, d)).sum(0) * (1 if mask is None else mask)
+                grad_x = torch.where((x >= lo) & (x <= hi), grad * weight, 0)
+            for start in starts:
+                torch.mul(rows[start].clone(), inside, out=rows[start:start + P])
+        elif need_x:  # x == y: lo <= x <= hi (lo <= hi here)
+            grad_x = torch.where(x == y, grad * (theta.sum() if mask is None else mask * theta.sum()), 0)
+        if mask is None:
+            sums, per_mask = torch.mv(rows.view(len(rows), -1), grad.reshape(-1)), None
+        else:
+            m = mask.reshape((1,) * (d - mask.dim()) + tuple(mask.shape))
+            dims = [i + 1 for i in range(d) if m.shape[i] == 1 and x.shape[i] != 1]
+            per_mask = rows.mul_(grad).sum(dims, keepdim=True) if dims else rows.mul_(grad)
+            sums = (per_mask * m).flatten(1).sum(1)
+        q_sums, rest = sums[:P], sums[P:].view(blocks, per)
+        grad_theta = q_sums * scale if need_theta else None
+        d_scale = (q_sums - rest[0] / scale) * theta
+        grad_hi = (d_scale / levels).sum() + (theta * rest[1]).sum() if need_hi else None
+        grad_lo = -(d_scale / levels).sum() + (theta * rest[-1]).sum() if need_lo else None
+        grad_mask = None
+        if need_mask:
+            grad_mask = (per_mask[:P] * _stacked(theta * scale, d)).sum(0).reshape(mask.shape)
+        return grad_x, grad_lo, grad_hi, grad_theta, None, grad_mask
 
 
 def fake_quant_act(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor,
-                   theta: torch.Tensor) -> torch.Tensor:
-    """Mixed PACT activation quantization: sum_p theta[p] * Q_p(clip(x, lo, hi))."""
-    return MixedActQuant.apply(x, lo.to(x.dtype), hi.to(x.dtype), theta.to(x.dtype), bits.to(x.dtype))
+                   theta: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mixed PACT activation quantization: sum_p theta[p] * Q_p(clip(x, lo, hi)), times `mask`
+    (broadcast against x) if given."""
+    mask = None if mask is None else mask.to(x.dtype)
+    return MixedActQuant.apply(x, lo.to(x.dtype), hi.to(x.dtype), theta.to(x.dtype), bits.to(x.dtype), mask)
 
 
 def sample_choice(logits: torch.Tensor, temperature: float, mode: str, training: bool) -> torch.Tensor:

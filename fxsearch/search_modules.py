@@ -7,6 +7,8 @@ SearchConv*/SearchLinear  the original layer, computing its weight from theta
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -64,7 +66,8 @@ class ActSearch(_Choice):
     """
 
     def __init__(self, precisions, signed: bool, lo: float, hi: float, sampling: str, temperature: float,
-                 mask_shape: tuple[int, ...] = (), mask_plan: list[tuple[torch.Tensor, torch.Tensor]] = ()):
+                 mask_shape: tuple[int, ...] = (), mask_plan: list[tuple[torch.Tensor, torch.Tensor]] = (),
+                 mask_units: tuple[int, ...] = ()):
         super().__init__()
         self._init_choice(precisions, None, sampling, temperature)
         if len(self.precisions) == 1:
@@ -80,24 +83,25 @@ class ActSearch(_Choice):
         for k, (pos, units) in enumerate(mask_plan):
             self.register_buffer(f"mask_pos{k}", pos)
             self.register_buffer(f"mask_unit{k}", units)
-        self.num_masked_groups = len(mask_plan)
+        self.num_masked_groups = len(mask_plan)  # mask_pos/unit: the plan, as saved in checkpoints
+        # one gather builds the mask: each position's entry in cat(theta_k[0] for k) + [0]
+        offsets = [sum(mask_units[:k]) for k in range(len(mask_plan) + 1)]
+        index = torch.full((math.prod(self.mask_shape),), offsets[-1], dtype=torch.long)
+        for k, (pos, units) in enumerate(mask_plan):
+            index[pos] = offsets[k] + units
+        self.register_buffer("mask_index", index.view(self.mask_shape), persistent=False)
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant_act(x, self.lo, self.hi, self.bits, self.theta())
+    def quantize(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_p theta_a[p] * Q_p(x), times `mask` (in the same pass) if given."""
+        return fake_quant_act(x, self.lo, self.hi, self.bits, self.theta(), mask)
 
-    def mask(self, thetas: tuple[torch.Tensor, ...], like: torch.Tensor) -> torch.Tensor:
-        numel = 1
-        for s in self.mask_shape:
-            numel *= s
-        mask = torch.ones(numel, dtype=like.dtype, device=like.device)
-        for k, theta in enumerate(thetas):
-            alive = 1 - theta[0, getattr(self, f"mask_unit{k}")]
-            mask = mask.index_put((getattr(self, f"mask_pos{k}"),), alive.to(like.dtype))
-        return mask.view(self.mask_shape)
+    def mask(self, thetas: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """1 - theta[0] of the unit each position holds, 1 where it holds no prunable channel."""
+        dead = torch.cat([theta[0] for theta in thetas] + [thetas[0].new_zeros(1)])
+        return (1 - dead)[self.mask_index]
 
     def forward(self, x: torch.Tensor, *thetas: torch.Tensor) -> torch.Tensor:
-        out = self.quantize(x)
-        return out * self.mask(thetas, out) if thetas else out
+        return self.quantize(x, self.mask(thetas)) if thetas else self.quantize(x)
 
     def extra_repr(self) -> str:
         return f"bits={self.precisions}, signed={self.signed}, masked_groups={self.num_masked_groups}"

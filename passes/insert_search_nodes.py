@@ -14,6 +14,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxsearch import meta
 from fxsearch.config import SearchConfig
+from fxsearch.errors import UnsupportedModelError
 from fxsearch.search_modules import ActSearch, GroupChoice, search_class_for
 
 from .channel_groups import ChannelAnalysis
@@ -43,6 +44,11 @@ class InsertSearchNodesPass(PassBase):
         cfg = self.config
         analysis: ChannelAnalysis = gm.meta[meta.ANALYSIS]
         graph = gm.graph
+        taken = [name for name in ("fxs_choices", "fxs_act") if hasattr(gm, name)]
+        if taken:
+            raise UnsupportedModelError(
+                f"the model already has a submodule '{taken[0]}': it is an fxsearch search or finalized "
+                "model (or names a module like one); convert the original float model instead")
         choices, acts = nn.ModuleDict(), nn.ModuleDict()
         gm.add_submodule("fxs_choices", choices)
         gm.add_submodule("fxs_act", acts)
@@ -89,7 +95,8 @@ class InsertSearchNodesPass(PassBase):
         signed = not x.meta.get(meta.NONNEG, False)
         acts = gm.get_submodule("fxs_act")
         acts[x.name] = ActSearch(bits, signed, lo, hi, cfg.sampling, cfg.temperature,
-                                 shape, [(pos, units) for _, pos, units in plan])
+                                 shape, [(pos, units) for _, pos, units in plan],
+                                 tuple(analysis.groups[g].num_units for g, _, _ in plan))
         anchor = last_theta if x.op == "placeholder" else x
         with gm.graph.inserting_after(anchor):
             q = gm.graph.create_node("call_module", f"fxs_act.{x.name}",
