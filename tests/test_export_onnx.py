@@ -122,3 +122,10 @@ def test_bias_integers_round_as_the_model_does():
     want = torch.round(bias / step).to(torch.int64).numpy()
     got = _bias_int32(bias.numpy(), step.double().numpy())
     assert (got == want).all()
+
+
+def test_unexportable_op_raises_export_error_naming_it(tmp_path):
+    final, x = _final(M.FlattenLinear)  # adaptive max pool to a size that does not divide the input
+    with pytest.raises(fxsearch.ExportError, match="adaptive_max_pool2d"):
+        export_onnx(final, tmp_path / "m.onnx", (x,))
+    assert not (tmp_path / "m.onnx").exists()
