@@ -14,12 +14,29 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 def weight_absmax(w: torch.Tensor) -> torch.Tensor:
     """max|W_c| per output channel (dim 0), the range of symmetric per-channel quantization."""
-    return torch.linalg.vector_norm(w.detach().flatten(1), float("inf"), dim=1).clamp_min(EPS)
+    return w.detach().abs().flatten(1).amax(1).clamp_min(EPS)
 
 
 def _stacked(v: torch.Tensor, dim: int) -> torch.Tensor:
     """(P, ...) per-precision values shaped to broadcast against a stacked (P, *shape) tensor."""
     return v.reshape(*v.shape, *([1] * (dim + 1 - v.dim())))
+
+
+def _sum_rows(t: torch.Tensor) -> torch.Tensor:
+    """0 + t[0] + t[1] + ... in this order: the floats of accumulating the rows into zeros
+    (a -0.0 sum comes out 0.0), in fewer passes than Tensor.sum(0) takes time."""
+    if len(t) < 2:
+        return t.new_zeros(t.shape[1:]) if len(t) == 0 else t[0] + 0.0
+    out = t[0] + t[1]
+    for row in t[2:]:
+        out.add_(row)
+    return out.add_(0.0)
+
+
+def _bounds(lo: torch.Tensor, hi: torch.Tensor, x: torch.Tensor) -> tuple:
+    """Clip bounds as Python floats on CPU (scalar kernels are several times faster than
+    tensor-bound ones), as tensors elsewhere (no host sync)."""
+    return (float(lo), float(hi)) if x.device.type == "cpu" else (lo, hi)
 
 
 class MixedWeightQuant(torch.autograd.Function):
@@ -36,7 +53,7 @@ class MixedWeightQuant(torch.autograd.Function):
     def forward(ctx, w, theta, bits):  # theta (P, C_out) for the non-zero precisions in `bits`
         scale = weight_absmax(w) / (2.0 ** (bits - 1) - 1).unsqueeze(1)  # (P, C_out)
         s = _stacked(scale, w.dim())
-        out = torch.div(w, s).round_().mul_(s).mul_(_stacked(theta, w.dim())).sum(0)
+        out = _sum_rows(torch.div(w, s).round_().mul_(s).mul_(_stacked(theta, w.dim())))
         ctx.save_for_backward(w, theta, scale)
         return out
 
@@ -93,11 +110,12 @@ class MixedActQuant(torch.autograd.Function):
         if not any(ctx.needs_input_grad) and bool((theta == 0).any()):  # inference: skip idle precisions
             keep = theta != 0
             scale, zp, levels, theta = scale[keep], zp[keep], levels[keep], theta[keep]
-        saturates = _saturates(lo, hi, scale, zp, levels)
-        codes = torch.div(torch.clamp(x, lo, hi), _stacked(scale, x.dim())).round_()
+        # off the CPU, the general path (range clamp, per-precision saturation) saves a host sync
+        saturates = _saturates(lo, hi, scale, zp, levels) if x.device.type == "cpu" else True
+        codes = torch.div(torch.clamp(x, *_bounds(lo, hi, x)), _stacked(scale, x.dim())).round_()
         if saturates:
             codes.clamp_(_stacked(-zp, x.dim()), _stacked(levels - zp, x.dim()))
-        out = codes.mul_(_stacked(scale * theta, x.dim())).sum(0)  # the sum also turns -0.0 into 0.0
+        out = _sum_rows(codes.mul_(_stacked(scale * theta, x.dim())))
         if mask is not None:
             out.mul_(mask)
         ctx.saturates = saturates
@@ -117,13 +135,14 @@ class MixedActQuant(torch.autograd.Function):
         per = P if ctx.saturates else 1
         blocks = 1 + need_hi + need_lo
         rows = x.new_empty((P + per * blocks, *x.shape))
-        y = torch.clamp(x, lo, hi, out=rows[P])
+        lo_, hi_ = _bounds(lo, hi, x)
+        y = torch.clamp(x, lo_, hi_, out=rows[P])
         codes = torch.div(y, _stacked(scale, d), out=rows[:P]).round_()
         starts = [P + per * b for b in range(blocks)]
-        if need_hi:
-            torch.gt(x, hi, out=rows[starts[1]])
+        if need_hi:  # comparisons written as 0/1 floats: much faster than bool tensors on CPU
+            torch.gt(x, hi_, out=rows[starts[1]])
         if need_lo:
-            torch.lt(x, lo, out=rows[starts[-1]])
+            torch.lt(x, lo_, out=rows[starts[-1]])
         grad_x = None
         if ctx.saturates:
             inside = (codes >= _stacked(-zp, d)) & (codes <= _stacked(levels - zp, d))
@@ -134,7 +153,8 @@ class MixedActQuant(torch.autograd.Function):
             for start in starts:
                 torch.mul(rows[start].clone(), inside, out=rows[start:start + P])
         elif need_x:  # x == y: lo <= x <= hi (lo <= hi here)
-            grad_x = torch.where(x == y, grad * (theta.sum() if mask is None else mask * theta.sum()), 0)
+            weight = theta.sum() if mask is None else mask * theta.sum()
+            grad_x = torch.eq(x, y, out=torch.empty_like(x)).mul_(grad).mul_(weight)
         if mask is None:
             sums, per_mask = torch.mv(rows.view(len(rows), -1), grad.reshape(-1)), None
         else:
