@@ -83,8 +83,9 @@ class ChannelAnalysis:
     def units_of(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Group and unit ids of a label tensor (-1 where unlabelled)."""
         flat = labels.reshape(-1)
-        table = torch.cat([torch.full((1, 2), -1, dtype=torch.long), self.slot_unit])
-        gu = table[flat + 1]
+        gu = torch.full((flat.numel(), 2), -1, dtype=torch.long)  # labels are small, the table is not:
+        known = flat >= 0                                         # index it, do not copy it
+        gu[known] = self.slot_unit[flat[known]]
         return gu[:, 0].view(labels.shape), gu[:, 1].view(labels.shape)
 
 
