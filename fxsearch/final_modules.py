@@ -72,14 +72,16 @@ class QuantWeightMixin:
             absmax = torch.maximum(absmax, self.w_range.to(absmax.dtype))
         return absmax / (2 ** (self.w_bits - 1) - 1).to(self.weight.dtype)
 
-    def weight_int(self) -> torch.Tensor:
-        """The integer weights (as float tensor) inside each channel's signed range."""
+    def weight_int(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The integer weights (as float tensor) inside each channel's signed range (`scale`:
+        weight_scale(), when the caller has it already)."""
         qmax = (2 ** (self.w_bits - 1) - 1).to(self.weight.dtype).view(-1, *([1] * (self.weight.dim() - 1)))
-        s = self.weight_scale().view_as(qmax)
+        s = (self.weight_scale() if scale is None else scale).view_as(qmax)
         return torch.minimum(torch.maximum(round_ste(self.weight / s), -qmax - 1), qmax)
 
     def quant_weight(self) -> torch.Tensor:
-        return self.weight_int() * self.weight_scale().view(-1, *([1] * (self.weight.dim() - 1)))
+        scale = self.weight_scale()
+        return self.weight_int(scale) * scale.view(-1, *([1] * (self.weight.dim() - 1)))
 
     @classmethod
     def from_float(cls, module: nn.Module, w_bits: torch.Tensor, input_quant: FakeQuantAct | None,
