@@ -60,3 +60,24 @@ def test_act_quant_matches_reference_values_and_gradients():
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a, b)
     assert float(got[2]) != 0.0 and float(got[1]) != 0.0  # both clip bounds learn
+
+
+def test_act_quant_with_mask_and_saturating_codes_matches_reference():
+    """A clip range whose top code saturates at 2 bits (zero point on a rounding tie) takes the
+    general path; the pruning mask is multiplied inside the quantizer and gets its gradient."""
+    torch.manual_seed(2)
+    x = (torch.linspace(-1, 1, 41) + 0.013).repeat(2, 3, 1).requires_grad_()  # none on a clip bound
+    lo = torch.tensor(-0.75, requires_grad=True)
+    hi = torch.tensor(0.75, requires_grad=True)
+    theta = torch.softmax(torch.randn(2), 0).requires_grad_()
+    bits = torch.tensor([2.0, 4.0])
+    mask = torch.tensor([[[1.0], [0.0], [0.4]]], requires_grad=True)
+    g = torch.randn(2, 3, 41)
+    out = fake_quant_act(x, lo, hi, bits, theta, mask)
+    ref = _reference_act(x, lo, hi, bits, theta) * mask
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert not bool(torch.signbit(out[(out == 0) & (mask != 0)]).any())  # as accumulating into zeros
+    got = torch.autograd.grad((out * g).sum(), (x, lo, hi, theta, mask))
+    want = torch.autograd.grad((ref * g).sum(), (x, lo, hi, theta, mask))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a, b)
