@@ -1,15 +1,23 @@
 """Search-step overhead: one training step of the search model versus the float model.
 
-Prints, per model, the median step time of both (forward, backward, optimiser step, batch
-32) measured alternately in one run, their ratio, and the ratio of peak memory (CUDA) or
-of autograd-saved tensor bytes (CPU). Targets (issue 7): time ratio <= 1.3, memory <= 1.5.
+A step is forward, loss, backward and optimiser step at batch 32: the float model with Adam;
+the search model as in the reference protocol (Adam on the weights, SGD with momentum on the
+choice parameters, loss = task + lambda * SearchModel.cost, the cost evaluated every step).
+Steps of the two alternate, so both see the same machine load; the time ratio is the median
+of the per-pair ratios. Peak memory of one step counts everything live (parameters,
+optimiser state, activations, temporaries): CUDA's allocator peak, or on CPU the profiler's
+allocation trace (``profile_memory``) plus what was live when the step began.
+Targets (issue 7): time ratio <= 1.3, peak memory ratio <= 1.5.
 
-    python bench/step_overhead.py [--device cuda] [--threads 2] [--steps 20]
+    python bench/step_overhead.py [--device cuda] [--threads 2] [--pairs 20] [--models resnet8,dscnn]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -18,6 +26,7 @@ import torchvision
 import fxsearch
 from fxsearch.zoo import dscnn, resnet8
 
+BATCH = 32
 CASES = {
     "resnet8": (lambda: resnet8(), (3, 32, 32), 10),
     "dscnn": (lambda: dscnn(), (1, 49, 10), 12),
@@ -25,80 +34,106 @@ CASES = {
 }
 
 
-def _saved_bytes(model, x, y) -> int:
-    """Bytes of tensors autograd keeps for backward during one forward (a device-free memory proxy)."""
-    total = 0
+class Trainer:
+    """One model, its optimisers and one training step."""
 
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.search = isinstance(model, fxsearch.SearchModel)
+        if self.search:
+            self.opts = [torch.optim.Adam(model.weight_parameters(), lr=1e-3),
+                         torch.optim.SGD(model.arch_parameters(), lr=1e-2, momentum=0.9)]
+        else:
+            self.opts = [torch.optim.Adam(model.parameters(), lr=1e-3)]
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-    return total
+    def zero_grad(self) -> None:
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
 
-
-def _stepper(model, params):
-    opt = torch.optim.Adam(params, lr=1e-3)
-
-    def step(x, y):
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        if isinstance(model, fxsearch.SearchModel):
-            loss = loss + 1e-9 * model.cost
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.zero_grad()
+        loss = torch.nn.functional.cross_entropy(self.model(x), y)
+        if self.search:
+            loss = loss + 1e-9 * self.model.cost
         loss.backward()
-        opt.step()
-    return step
+        for opt in self.opts:
+            opt.step()
+
+    def live_bytes(self) -> int:
+        """Parameters, buffers and optimiser state (what is live between steps, gradients freed)."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        tensors += [t for opt in self.opts for state in opt.state.values()
+                    for t in state.values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
 
-def measure(name: str, device: str, steps: int) -> dict:
+def peak_step_bytes(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Peak bytes allocated during one step, everything live included."""
+    trainer.zero_grad()
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        trainer.step(x, y)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer.step(x, y)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    # "Total Allocated" counts the allocations made since the profiler started
+    grown = max((e["args"]["Total Allocated"] for e in events
+                 if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})), default=0)
+    return trainer.live_bytes() + x.numel() * x.element_size() + y.numel() * y.element_size() + grown
+
+
+def measure(name: str, device: str, pairs: int) -> dict:
     factory, shape, classes = CASES[name]
     torch.manual_seed(0)
-    float_model = factory().to(device).train()
-    x = torch.randn(32, *shape, device=device)
-    y = torch.randint(0, classes, (32,), device=device)
-    search = fxsearch.convert(factory(), (x[:8].cpu(),)).to(device).train()
-    runs = {"float": _stepper(float_model, float_model.parameters()),
-            "search": _stepper(search, search.parameters())}
-    times = {k: [] for k in runs}
-    for k in runs:  # warm-up
-        runs[k](x, y)
-    for _ in range(steps):
-        for k, run in runs.items():
+    x = torch.randn(BATCH, *shape, device=device)
+    y = torch.randint(0, classes, (BATCH,), device=device)
+    trainers = {"float": Trainer(factory().to(device).train()),
+                "search": Trainer(fxsearch.convert(factory(), (x[:8].cpu(),)).to(device).train())}
+    for t in trainers.values():  # warm-up (optimiser state, allocator, lazy init)
+        t.step(x, y)
+        t.step(x, y)
+    times: dict[str, list[float]] = {k: [] for k in trainers}
+    for _ in range(pairs):
+        for k, t in trainers.items():
             if device == "cuda":
                 torch.cuda.synchronize()
-            t = time.perf_counter()
-            run(x, y)
+            start = time.perf_counter()
+            t.step(x, y)
             if device == "cuda":
                 torch.cuda.synchronize()
-            times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    if device == "cuda":
-        mem = {}
-        for k, model in (("float", float_model), ("search", search)):
-            torch.cuda.reset_peak_memory_stats()
-            runs[k](x, y)
-            mem[k] = torch.cuda.max_memory_allocated()
-    else:
-        mem = {k: _saved_bytes(m, x, y) for k, m in (("float", float_model), ("search", search))}
-    return {"model": name, "float_ms": 1e3 * med["float"], "search_ms": 1e3 * med["search"],
-            "time_ratio": med["search"] / med["float"], "mem_ratio": mem["search"] / mem["float"]}
+            times[k].append(time.perf_counter() - start)
+    pairs = [s / f for f, s in zip(times["float"], times["search"])]
+    mem = {k: peak_step_bytes(t, x, y) for k, t in trainers.items()}
+    return {"model": name, "float_ms": 1e3 * statistics.median(times["float"]),
+            "search_ms": 1e3 * statistics.median(times["search"]),
+            "time_ratio": statistics.median(pairs),
+            "float_mib": mem["float"] / 2 ** 20, "search_mib": mem["search"] / 2 ** 20,
+            "mem_ratio": mem["search"] / mem["float"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    parser.add_argument("--pairs", type=int, default=20, help="alternating float/search step pairs")
     parser.add_argument("--models", default=",".join(CASES))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"device={args.device} threads={args.threads} batch=32")
-    print(f"{'model':<10} {'float ms':>9} {'search ms':>10} {'time x':>7} {'mem x':>6}")
+    print(f"device={args.device} threads={torch.get_num_threads()} batch={BATCH} "
+          f"pairs={args.pairs} torch={torch.__version__}")
+    print(f"{'model':<10} {'float ms':>9} {'search ms':>10} {'time x':>7} {'float MiB':>10} {'search MiB':>11} {'mem x':>6}")
     for name in args.models.split(","):
-        r = measure(name, args.device, args.steps)
-        print(f"{r['model']:<10} {r['float_ms']:>9.1f} {r['search_ms']:>10.1f} {r['time_ratio']:>7.2f} {r['mem_ratio']:>6.2f}")
+        r = measure(name, args.device, args.pairs)
+        print(f"{r['model']:<10} {r['float_ms']:>9.1f} {r['search_ms']:>10.1f} {r['time_ratio']:>7.2f} "
+              f"{r['float_mib']:>10.1f} {r['search_mib']:>11.1f} {r['mem_ratio']:>6.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,136 @@
+"""Deployment speed-up of pruning: onnxruntime latency of finalized, pruned QDQ exports versus
+the unpruned uniform 8-bit export of the same model, next to the MAC ratio.
+
+Per model and pruning level f, a fraction f of the prunable channel units of every group is
+set to 0 bits (evenly spread, the same units in every run), the rest of the weights and all
+activations to 8 bits; fxsearch.finalize removes the pruned channels and the model is
+exported in the qdq format (8-bit activations, so onnxruntime fuses QLinearConv / QGemm).
+Latency is the median of runs on one batch (exported at that batch size) at ORT_ENABLE_ALL, the sessions of one model
+alternating so that all see the same machine load; speed-up = latency(unpruned) / latency(pruned),
+MAC ratio = MACs(unpruned) / MACs(pruned) counted from the finalized modules (count_cost).
+Target (issue 7): speed-up >= 0.8 x MAC ratio.
+
+    python bench/deploy_speedup.py [--models resnet8,resnet18] [--levels 0,0.25,0.5,0.75] [--threads 1,2] [--batch 1]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torchvision
+
+import fxsearch
+from fxsearch.cost_models import count_cost
+from fxsearch.search_modules import ActSearch, GroupChoice
+from fxsearch.zoo import resnet8
+
+CASES = {
+    "resnet8": (lambda: resnet8(), (3, 32, 32)),
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 64, 64)),
+}
+
+
+def set_choices(sm: fxsearch.SearchModel, fraction: float) -> None:
+    """Argmax choices: `fraction` of each group's prunable units at 0 bits, everything else at 8."""
+    with torch.no_grad():
+        for m in sm.modules():
+            if isinstance(m, (GroupChoice, ActSearch)) and 8 in m.precisions:
+                m.alpha.fill_(-10.0)
+                m.alpha[m.precisions.index(8)] = 10.0
+            if isinstance(m, GroupChoice) and 0 in m.precisions:
+                prunable = torch.nonzero(m.allowed[m.precisions.index(0)]).flatten()
+                k = int(round(fraction * len(prunable)))
+                chosen = prunable[torch.linspace(0, len(prunable) - 1, k).round().long()] if k else prunable[:0]
+                m.alpha[m.precisions.index(0), chosen] = 20.0
+
+
+def export(factory, shape, fraction: float, path: str) -> int:
+    """Finalize at pruning level `fraction`, write the qdq ONNX file, return the MACs."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    sm = fxsearch.convert(factory(), (x,))
+    set_choices(sm, fraction)
+    sm.train()
+    with torch.no_grad():  # BatchNorm statistics of real activations, as after a search
+        for _ in range(3):
+            sm(torch.randn(16, *shape[1:]))
+    sm.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        final = fxsearch.finalize(sm)
+        fxsearch.export_onnx(final, path, (x,), format="qdq")
+    return int(count_cost(final, (x,), "macs"))
+
+
+def session(path: str, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def fused_ops(path: str) -> str:
+    """The quantized ops onnxruntime runs after its graph optimisations (a check that it fused)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with tempfile.TemporaryDirectory() as tmp:
+        options.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
+        ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        import onnx
+        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    return ", ".join(f"{op} x{ops.count(op)}" for op in ("QLinearConv", "QGemm", "Conv", "Gemm") if op in ops)
+
+
+def latencies(sessions: dict, x: np.ndarray, runs: int) -> dict:
+    times = {k: [] for k in sessions}
+    for s in sessions.values():  # warm-up
+        for _ in range(5):
+            s.run(None, {"input_0": x})
+    for _ in range(runs):
+        for k, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, {"input_0": x})
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(CASES))
+    parser.add_argument("--levels", default="0,0.25,0.5,0.75", help="fractions of prunable units at 0 bits")
+    parser.add_argument("--threads", default="1,2", help="onnxruntime intra-op thread counts")
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+    levels = [float(v) for v in args.levels.split(",")]
+    print(f"onnxruntime {ort.__version__}, qdq format (w8a8), batch {args.batch}, ORT_ENABLE_ALL, median of {args.runs} runs")
+    print(f"{'model':<9} {'pruned':>6} {'threads':>7} {'MACs':>11} {'latency ms':>10} {'MAC ratio':>9} "
+          f"{'speed-up':>8} {'speed-up/MAC':>12}")
+    for name in args.models.split(","):
+        factory, sample = CASES[name]
+        shape = (args.batch, *sample)
+        with tempfile.TemporaryDirectory() as tmp:
+            paths, macs = {}, {}
+            for f in [0.0] + [v for v in levels if v != 0.0]:
+                paths[f] = os.path.join(tmp, f"{name}_{f}.onnx")
+                macs[f] = export(factory, shape, f, paths[f])
+            print(f"# {name}: onnxruntime runs {fused_ops(paths[0.0])} (unpruned)")
+            x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+            for threads in (int(t) for t in args.threads.split(",")):
+                lat = latencies({f: session(p, threads) for f, p in paths.items()}, x, args.runs)
+                for f in levels:
+                    mac_ratio, speedup = macs[0.0] / macs[f], lat[0.0] / lat[f]
+                    print(f"{name:<9} {f:>6.0%} {threads:>7} {macs[f]:>11,} {1e3 * lat[f]:>10.3f} {mac_ratio:>9.2f} "
+                          f"{speedup:>8.2f} {speedup / mac_ratio:>12.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
