@@ -77,7 +77,10 @@ class QuantWeightMixin:
         weight_scale(), when the caller has it already)."""
         qmax = (2 ** (self.w_bits - 1) - 1).to(self.weight.dtype).view(-1, *([1] * (self.weight.dim() - 1)))
         s = (self.weight_scale() if scale is None else scale).view_as(qmax)
-        return torch.minimum(torch.maximum(round_ste(self.weight / s), -qmax - 1), qmax)
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return torch.minimum(torch.maximum(round_ste(self.weight / s), -qmax - 1), qmax)
+        # the same floats in place (round_ste turns -0.0 into 0.0, so does adding 0.0), no autograd
+        return torch.div(self.weight, s).round_().clamp_(-qmax - 1, qmax).add_(0.0)
 
     def quant_weight(self) -> torch.Tensor:
         scale = self.weight_scale()
