@@ -176,7 +176,10 @@ class MixedActQuant(torch.autograd.Function):
 def fake_quant_act(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor,
                    theta: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mixed PACT activation quantization: sum_p theta[p] * Q_p(clip(x, lo, hi)), times `mask`
-    (broadcast against x) if given."""
+    (broadcast against x) if given. Computed in float32 whatever x's dtype (autocast hands
+    bf16/fp16 here; their rounding would move the grid); the result is float32 then."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
     mask = None if mask is None else mask.to(x.dtype)
     return MixedActQuant.apply(x, lo.to(x.dtype), hi.to(x.dtype), theta.to(x.dtype), bits.to(x.dtype), mask)
 

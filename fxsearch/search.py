@@ -42,7 +42,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import meta
+from . import distributed, meta
 from .convert import convert
 from .errors import ConfigError
 from .final_modules import FakeQuantAct, QuantWeightMixin
@@ -72,6 +72,9 @@ class SearchSettings:
     restore_best: bool = False       # end the search in its best validation epoch (after the ramp), not its last
     lambda_ramp_epochs: int = 0      # lambda grows linearly from 0 over this many epochs
     device: str = "auto"             # "auto", "cpu", "cuda", "cuda:1", ...
+    amp: str | None = None           # autocast dtype of the training steps: "bf16" (CPU, CUDA), "fp16" (CUDA, scaled)
+    find_unused_parameters: bool = False   # DistributedDataParallel's, for models with parameters forward leaves unused
+    sync_bn: bool = True             # several CUDA processes: BatchNorm that trains uses global-batch statistics
     progress: bool = True            # tqdm bars on stderr
     log: Callable[[str], None] | None = None   # one line per epoch (None: silent)
 
@@ -83,6 +86,8 @@ class SearchSettings:
         for name in ("lr", "arch_lr", "finetune_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.amp not in (None, *distributed.AMP_DTYPES):
+            raise ConfigError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
 
 
 @dataclasses.dataclass
@@ -176,6 +181,7 @@ def evaluate(model: nn.Module, loader: Loader, device: str | torch.device = "aut
             total += len(y)
     finally:
         model.train(was_training)
+    correct, total, loss_sum = distributed.all_sum([correct, total, loss_sum])  # the whole split
     if total == 0:
         raise ConfigError("the evaluation loader yielded no samples")
     return correct / total, loss_sum / total
@@ -183,9 +189,12 @@ def evaluate(model: nn.Module, loader: Loader, device: str | torch.device = "aut
 
 def _epoch(model: nn.Module, loader: Loader, optimizers: Sequence[torch.optim.Optimizer],
            loss_fn: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, dict[str, float]]],
-           device: torch.device, desc: str, progress: bool, freeze_bn: bool = False) -> dict[str, float]:
+           device: torch.device, desc: str, progress: bool, freeze_bn: bool = False,
+           amp: str | None = None, scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One training epoch; loss_fn(outputs, targets, step) -> (loss, parts to average).
-    freeze_bn: normalisation layers use (and keep) their running statistics."""
+    freeze_bn: normalisation layers use (and keep) their running statistics. amp: forward and
+    loss under autocast; scaler: fp16 loss scaling. Progress bars on rank 0 only."""
+    progress = progress and distributed.is_main()
     model.train()
     if freeze_bn:
         for m in model.modules():
@@ -196,12 +205,19 @@ def _epoch(model: nn.Module, loader: Loader, optimizers: Sequence[torch.optim.Op
     bar = _bar(loader, desc, progress)
     for step, batch in enumerate(bar):
         x, y = _to(batch, device)
-        loss, parts = loss_fn(model(x), y, step)
+        with distributed.autocast(device, amp):
+            loss, parts = loss_fn(model(x), y, step)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
+        if scaler is None:
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+        else:
+            scaler.scale(loss).backward()
+            for opt in optimizers:
+                scaler.step(opt)
+            scaler.update()
         _bracket_zero(model)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -210,6 +226,7 @@ def _epoch(model: nn.Module, loader: Loader, optimizers: Sequence[torch.optim.Op
             bar.set_postfix({k: f"{v:.3g}" for k, v in parts.items()}, refresh=False)
     if n == 0:
         raise ConfigError("the training loader yielded no batches")
+    distributed.advance_epoch(loader)  # a DistributedSampler shuffles anew for the next pass
     return {k: v / n for k, v in sums.items()}
 
 
@@ -224,7 +241,7 @@ def _bracket_zero(model: nn.Module) -> None:
 
 
 def _say(settings: SearchSettings, msg: str) -> None:
-    if settings.log is not None:
+    if settings.log is not None and distributed.is_main():
         settings.log(msg)
 
 
@@ -245,13 +262,17 @@ def train_float(model: nn.Module, train_loader: Loader, val_loader: Loader, epoc
     opt = weight_optimizer(model, [p for p in model.parameters() if p.requires_grad], lr or s.lr, s.weight_decay)
     history: list[dict[str, float]] = []
     best, best_state, stale = -1.0, None, 0
+    scaler = distributed.grad_scaler(dev, s.amp)
+    unsync_bn = distributed.sync_batchnorm(model, dev, s.sync_bn)   # several CUDA processes only
+    net = distributed.wrap(model, dev, s.find_unused_parameters)    # DDP when several processes run
 
     def loss_fn(out, y, step):
         loss = criterion(out, y)
         return loss, {"loss": float(loss.detach())}
 
     for epoch in range(epochs):
-        row = _epoch(model, train_loader, [opt], loss_fn, dev, f"{desc} {epoch + 1}/{epochs}", s.progress)
+        row = _epoch(net, train_loader, [opt], loss_fn, dev, f"{desc} {epoch + 1}/{epochs}", s.progress,
+                     amp=s.amp, scaler=scaler)
         row["val_acc"], row["val_loss"] = evaluate(model, val_loader, dev, criterion)
         history.append({"epoch": epoch + 1, **row})
         _say(s, f"{desc} epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f}, val acc {100 * row['val_acc']:.2f}%")
@@ -261,6 +282,8 @@ def train_float(model: nn.Module, train_loader: Loader, val_loader: Loader, epoc
             stale += 1
             if s.patience and stale >= s.patience:
                 break
+    del net
+    unsync_bn()
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
@@ -276,21 +299,25 @@ def warmup(model: nn.Module, train_loader: Loader, val_loader: Loader, epochs: i
 def search_epoch(sm: SearchModel, loader: Loader, opt_w: torch.optim.Optimizer, opt_a: torch.optim.Optimizer,
                  lam: float | Callable[[int], float], *, cost_scale: float = 1.0,
                  device: str | torch.device = "auto", criterion: Criterion = F.cross_entropy,
-                 progress: bool = False, desc: str = "search", freeze_bn: bool = False) -> dict[str, float]:
+                 progress: bool = False, desc: str = "search", freeze_bn: bool = False,
+                 amp: str | None = None, scaler: torch.amp.GradScaler | None = None,
+                 net: nn.Module | None = None) -> dict[str, float]:
     """One search epoch: loss = task + lam * cost / cost_scale, both optimisers on every batch.
     ``lam`` may be a function of the step within the epoch (a ramp). Returns epoch means of
-    loss, task, cost (unscaled) and lam."""
+    loss, task, cost (unscaled) and lam. ``net``: what the batches go through, a
+    distributed.SearchStep of ``sm`` (default) or a DistributedDataParallel of one."""
     dev = resolve_device(device)
+    net = net if net is not None else distributed.SearchStep(sm)
 
-    def loss_fn(out, y, step):
+    def loss_fn(outputs, y, step):
+        out, cost = outputs
         task = criterion(out, y)
         lam_now = lam(step) if callable(lam) else lam
-        cost = sm.cost
         loss = task + (lam_now / cost_scale) * cost if lam_now else task
         return loss, {"loss": float(loss.detach()), "task": float(task.detach()),
                       "cost": float(cost.detach()), "lam": float(lam_now)}
 
-    return _epoch(sm, loader, [opt_w, opt_a], loss_fn, dev, desc, progress, freeze_bn)
+    return _epoch(net, loader, [opt_w, opt_a], loss_fn, dev, desc, progress, freeze_bn, amp, scaler)
 
 
 def _batches(loader: Loader) -> int | None:
@@ -309,6 +336,9 @@ def run_search(sm: SearchModel, train_loader: Loader, val_loader: Loader, lam: f
     dev = resolve_device(s.device)
     sm.to(dev).train()
     opt_w, opt_a = make_optimizers(sm, s)
+    scaler = distributed.grad_scaler(dev, s.amp)
+    unsync_bn = distributed.sync_batchnorm(sm, dev, s.sync_bn and not s.freeze_bn)  # several CUDA processes
+    net = distributed.wrap(distributed.SearchStep(sm), dev, s.find_unused_parameters)  # DDP broadcasts rank 0's state
     with torch.no_grad():
         start = float(sm.cost)
     scale = start if s.normalize_cost and start > 0 else 1.0
@@ -323,7 +353,7 @@ def run_search(sm: SearchModel, train_loader: Loader, val_loader: Loader, lam: f
             lam_e = lam
         row = search_epoch(sm, train_loader, opt_w, opt_a, lam_e, cost_scale=scale, device=dev,
                            criterion=criterion, progress=s.progress, desc=f"search {epoch + 1}/{s.epochs}",
-                           freeze_bn=s.freeze_bn)
+                           freeze_bn=s.freeze_bn, amp=s.amp, scaler=scaler, net=net)
         row["temperature"] = sm.temperature
         row["val_acc"], row["val_loss"] = evaluate(sm, val_loader, dev, criterion, soft=True)
         row["argmax_cost"] = sm.discrete_cost()
@@ -342,6 +372,8 @@ def run_search(sm: SearchModel, train_loader: Loader, val_loader: Loader, lam: f
             if s.patience and stale >= s.patience:
                 _say(s, f"early stop: no better validation accuracy for {s.patience} epochs")
                 break
+    del net
+    unsync_bn()
     if best_state is not None:
         sm.load_state_dict(best_state)
         _say(s, f"kept the search state of the best validation accuracy ({100 * best:.2f}%)")
@@ -422,6 +454,7 @@ def search(model: nn.Module, train_loader: Loader, val_loader: Loader, test_load
         float_acc = evaluate(model, test_loader or val_loader, dev, criterion)[0]
         timings["warmup"] = time.perf_counter() - t0
     inputs = tuple(example_inputs) if example_inputs is not None else _example(train_loader)
+    inputs = distributed.from_main(inputs)  # one graph on every process (rank 0's clip ranges)
     inputs = tuple(t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in inputs)
     t1 = time.perf_counter()
     sm = convert(copy.deepcopy(model).cpu(), inputs, cost=cost, **convert_options)

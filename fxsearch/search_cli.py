@@ -38,6 +38,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import distributed
 from .errors import ConfigError, FxSearchError
 
 BASELINES = ("w8a8", "w4a8", "w2a8")
@@ -174,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-size", type=_positive, default=64, metavar="N", help="batch size (default 64)")
     a("--seed", type=_count, default=0, metavar="N", help="random seed of every run (default 0)")
     a("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    a("--amp", choices=("bf16", "fp16"), default=None,
+      help="mixed precision of the training steps: bf16 (CPU or CUDA) or fp16 (CUDA, loss scaling); "
+           "the quantizers compute in float32 either way (default: float32 throughout)")
     a("--threads", type=_positive, default=1, metavar="N",
       help="CPU threads of torch (default 1: small models gain little from more, and lose much "
            "when the cores are shared; raise it for large models)")
@@ -278,7 +282,7 @@ class Sweep:
     def __init__(self, args: argparse.Namespace):
         from .data import load_data
         from .model_refs import resolve_model_ref
-        from .search import SearchSettings, resolve_device
+        from .search import SearchSettings
         self.args = args
         self.ref = model_ref(args.model)
         probe = resolve_model_ref(self.ref, args.model_kwargs)
@@ -289,20 +293,25 @@ class Sweep:
             self.a_precisions = (8,) if args.cost in ACT_INDEPENDENT else (2, 4, 8)
         else:
             self.a_precisions = args.a_precisions
-        self.device = resolve_device(args.device)
+        joined = distributed.active()
+        self.device = distributed.init_from_env(args.device)  # torchrun: join the process group
+        self.owns_group = distributed.active() and not joined
+        if args.batch_size % distributed.world_size():
+            raise ConfigError(f"--batch-size {args.batch_size} is the global batch, split over "
+                              f"{distributed.world_size()} processes: make it a multiple of that")
         self.out = args.out or os.path.join("runs", _slug(f"{args.model}-{args.data.split(':')[0]}"))
         self.settings = SearchSettings(
             epochs=args.epochs, finetune_epochs=args.finetune_epochs, patience=args.patience, lr=args.lr,
             arch_lr=args.arch_lr, finetune_lr=args.finetune_lr, normalize_cost=args.normalize_cost,
             lambda_ramp_epochs=args.lambda_ramp_epochs,
-            freeze_bn=args.freeze_bn and args.warmup_epochs > 0, restore_best=args.keep == "best", device=str(self.device), progress=not args.quiet,
+            freeze_bn=args.freeze_bn and args.warmup_epochs > 0, restore_best=args.keep == "best", device=str(self.device), amp=args.amp, progress=not args.quiet,
             log=None if args.quiet else self.epoch_line)
         self.float_accuracy: float | None = None
         self.warmup_s = 0.0
 
     # -- messages
     def say(self, msg: str) -> None:
-        if not self.args.quiet:
+        if not self.args.quiet and distributed.is_main():
             print(f"fxsearch.search: {msg}", file=sys.stderr, flush=True)
 
     def epoch_line(self, msg: str) -> None:
@@ -326,7 +335,7 @@ class Sweep:
                 raise ConfigError(f"run directory {self.out!r} was made with {k}={stored.get(k)!r}, this command "
                                   f"has {k}={mine[k]!r}; repeat the original options to resume, or choose "
                                   "another --out")
-        else:
+        elif distributed.is_main():
             write_json(path, mine)
 
     def loaders(self):
@@ -334,9 +343,14 @@ class Sweep:
         from torch.utils.data import DataLoader
         gen = torch.Generator().manual_seed(self.args.seed)
         kw = dict(num_workers=self.args.workers, pin_memory=self.device.type == "cuda")
-        train = DataLoader(self.data.train, batch_size=self.args.batch_size, shuffle=True, generator=gen, **kw)
-        val = DataLoader(self.data.val, batch_size=256, **kw)
-        test = DataLoader(self.data.test, batch_size=256, **kw)
+        sampler = distributed.train_sampler(self.data.train, self.args.seed)  # several processes
+        if sampler is None:
+            train = DataLoader(self.data.train, batch_size=self.args.batch_size, shuffle=True, generator=gen, **kw)
+        else:  # --batch-size is the global batch
+            train = DataLoader(self.data.train, batch_size=self.args.batch_size // distributed.world_size(),
+                               sampler=sampler, **kw)
+        val = DataLoader(distributed.shard(self.data.val), batch_size=256, **kw)
+        test = DataLoader(distributed.shard(self.data.test), batch_size=256, **kw)
         return train, val, test
 
     def fresh_model(self) -> torch.nn.Module:
@@ -365,9 +379,11 @@ class Sweep:
         self.warmup_s = time.perf_counter() - start
         self.float_accuracy = evaluate(model, test, self.device)[0]
         model.cpu()
-        torch_save(model.state_dict(), weights)
-        write_json(info, {"accuracy": self.float_accuracy, "seconds": self.warmup_s,
-                          "epochs": self.args.warmup_epochs, "history": history})
+        if distributed.is_main():  # the only writer; the others wait below
+            torch_save(model.state_dict(), weights)
+            write_json(info, {"accuracy": self.float_accuracy, "seconds": self.warmup_s,
+                              "epochs": self.args.warmup_epochs, "history": history})
+        distributed.barrier()
         self.say(f"warm-up done: float test accuracy {100 * self.float_accuracy:.2f}% ({self.warmup_s:.0f} s)")
         return model
 
@@ -391,7 +407,8 @@ class Sweep:
         if os.path.exists(report_path):
             self.say(f"{kind} {name}: done before ({report_path}), skipped")
             return
-        os.makedirs(folder, exist_ok=True)
+        if distributed.is_main():
+            os.makedirs(folder, exist_ok=True)
         self.say(f"{kind} {name}: search {self.args.epochs} epochs, fine-tune {self.args.finetune_epochs}")
         torch.manual_seed(self.args.seed)
         train, val, test = self.loaders()
@@ -401,9 +418,10 @@ class Sweep:
             result = sequential_search(warm, train, val, test, lam=lam, **common)
         else:
             result = search(warm, train, val, test, lam=lam, **{**common, **options})
-        files = self.write_run(folder, kind, result)
-        report = self.report(kind, name, result, files)
-        write_json(report_path, report)
+        if distributed.is_main():  # the only writer; the others wait below
+            files = self.write_run(folder, kind, result)
+            write_json(report_path, self.report(kind, name, result, files))
+        distributed.barrier()
         self.say(f"{kind} {name}: test accuracy {100 * result.accuracy:.2f}%, "
                  f"{self.cost_text(result.costs)}, {result.timings['total']:.0f} s -> {report_path}")
 
@@ -441,7 +459,8 @@ class Sweep:
         totals = {k: sum(r[k] for r in layers) for k in ("channels_kept", "channels_original", "weights", "weight_bits")}
         return {
             "kind": kind, "name": name, "lambda": result.lam, "model": self.ref, "model_kwargs": self.kwargs,
-            "data": self.args.data, "cost": self.args.cost, "accuracy": result.accuracy,
+            "data": self.args.data, "cost": self.args.cost, "processes": distributed.world_size(),
+            "amp": self.args.amp, "accuracy": result.accuracy,
             "val_accuracy": result.val_accuracy, "float_accuracy": self.float_accuracy,
             "costs": result.costs, "totals": totals,
             "timings": {**result.timings, "warmup_shared": self.warmup_s},
@@ -457,8 +476,22 @@ class Sweep:
         return f"{self.args.cost} {costs.get(self.args.cost, float('nan')):.4g}"
 
     def execute(self) -> int:
-        os.makedirs(self.out, exist_ok=True)
+        """The sweep; a process group this command joined is left at the end."""
+        try:
+            code = self._execute()
+        except BaseException:
+            if self.owns_group:
+                distributed.shutdown(wait=False)
+            raise
+        if self.owns_group:
+            distributed.shutdown()  # the other ranks wait here for rank 0's last files
+        return code
+
+    def _execute(self) -> int:
+        if distributed.is_main():
+            os.makedirs(self.out, exist_ok=True)
         self.check_settings()
+        distributed.barrier()  # every process sees the run directory as rank 0 left it
         self.say(f"run directory {self.out}: model {self.ref}, data {self.data.name} "
                  f"({len(self.data.train)}/{len(self.data.val)}/{len(self.data.test)} samples, input "
                  f"{'x'.join(map(str, self.data.input_shape))}), cost {self.args.cost}, device {self.device}")
@@ -467,6 +500,8 @@ class Sweep:
         warm = self.warm_model() if pending or not os.path.exists(os.path.join(self.out, "warmup.pt")) else None
         for kind, name, lam, options in todo:
             self.run_one(kind, name, lam, options, warm)
+        if not distributed.is_main():
+            return 0
         rows = collect_rows(self.out, self.args.cost)
         csv_path, png_path = os.path.join(self.out, "pareto.csv"), os.path.join(self.out, "pareto.png")
         write_csv(csv_path, rows)

@@ -29,6 +29,8 @@ from fxsearch.quantizers import weight_absmax
 from .channel_groups import ChannelAnalysis, varying_dims
 from .op_kinds import node_kind
 
+# SyncBatchNorm (convert_sync_batchnorm on a search model) folds as the BatchNormNd it replaced
+_FOLDABLE_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _PER_CHANNEL = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU)
 
 
@@ -278,13 +280,13 @@ class FinalizePass(PassBase):
         modules = dict(gm.named_modules())
         for node in list(gm.graph.nodes):
             bn = modules.get(node.target) if node.op == "call_module" else None
-            if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) or not bn.track_running_stats:
+            if not isinstance(bn, _FOLDABLE_BN) or not bn.track_running_stats:
                 continue
             prev = node.args[0]
             layer = modules.get(prev.target) if prev.op == "call_module" else None
             if not isinstance(layer, QuantWeightMixin) or len(prev.users) != 1:
                 continue
-            if isinstance(layer, nn.Linear) and not isinstance(bn, nn.BatchNorm1d):
+            if isinstance(layer, nn.Linear) and not isinstance(bn, (nn.BatchNorm1d, nn.SyncBatchNorm)):
                 continue
             with torch.no_grad():
                 factor = torch.rsqrt(bn.running_var + bn.eps)
