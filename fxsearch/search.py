@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -65,7 +66,9 @@ class SearchSettings:
     weight_decay: float = 1e-4       # on the weights, never on the activation clip bounds
     arch_lr: float = 1e-2            # SGD on the choice logits
     arch_momentum: float = 0.9
+    arch_optimizer: str = "sgd"      # "sgd" (the reference's, with arch_momentum) or "adam"
     finetune_lr: float = 1e-3
+    schedule: str = "cosine"         # lr of the warm-up and fine-tune: "cosine" (to 0 over the epochs) or "constant"
     anneal_rate: float = 0.045       # tau <- tau * exp(-anneal_rate) after every search epoch
     normalize_cost: bool = True      # divide the cost by its value at the start: lambda is scale-free
     freeze_bn: bool = True           # BatchNorm keeps its (warm-up) statistics during the search
@@ -88,6 +91,10 @@ class SearchSettings:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.amp not in (None, *distributed.AMP_DTYPES):
             raise ConfigError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
+        if self.arch_optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"arch_optimizer must be 'sgd' or 'adam', got {self.arch_optimizer!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
 
 
 @dataclasses.dataclass
@@ -136,11 +143,14 @@ def weight_optimizer(model: nn.Module, params: Sequence[nn.Parameter], lr: float
     return torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
 
 
-def make_optimizers(sm: SearchModel, settings: SearchSettings | None = None) -> tuple[torch.optim.Adam, torch.optim.SGD]:
-    """The search's two optimisers: (weights: Adam, choice logits: SGD with momentum)."""
+def make_optimizers(sm: SearchModel, settings: SearchSettings | None = None) -> tuple[torch.optim.Adam, torch.optim.Optimizer]:
+    """The search's two optimisers: (weights: Adam, choice logits: SGD with momentum or Adam)."""
     s = settings or SearchSettings()
     opt_w = weight_optimizer(sm, sm.weight_parameters(), s.lr, s.weight_decay)
-    opt_a = torch.optim.SGD(sm.arch_parameters(), lr=s.arch_lr, momentum=s.arch_momentum, weight_decay=0.0)
+    if s.arch_optimizer == "adam":   # per-logit step size: small layers move as fast as large ones
+        opt_a: torch.optim.Optimizer = torch.optim.Adam(sm.arch_parameters(), lr=s.arch_lr, weight_decay=0.0)
+    else:
+        opt_a = torch.optim.SGD(sm.arch_parameters(), lr=s.arch_lr, momentum=s.arch_momentum, weight_decay=0.0)
     return opt_w, opt_a
 
 
@@ -254,7 +264,8 @@ def train_float(model: nn.Module, train_loader: Loader, val_loader: Loader, epoc
                 settings: SearchSettings | None = None, criterion: Criterion = F.cross_entropy,
                 lr: float | None = None, desc: str = "train") -> list[dict[str, float]]:
     """Plain training (Adam, ``lr`` or the search's, its weight decay but none on activation
-    clip bounds), in place; keeps the best validation epoch. The float warm-up and the
+    clip bounds; ``settings.schedule``: cosine decay per epoch or constant), in place; keeps
+    the best validation epoch. The float warm-up and the
     fine-tuning of a finalized model (QAT) both use it."""
     s = settings or SearchSettings()
     dev = resolve_device(s.device)
@@ -270,7 +281,11 @@ def train_float(model: nn.Module, train_loader: Loader, val_loader: Loader, epoc
         loss = criterion(out, y)
         return loss, {"loss": float(loss.detach())}
 
+    base_lr = lr or s.lr
     for epoch in range(epochs):
+        if s.schedule == "cosine":   # per epoch, from base_lr down towards 0
+            for group in opt.param_groups:
+                group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
         row = _epoch(net, train_loader, [opt], loss_fn, dev, f"{desc} {epoch + 1}/{epochs}", s.progress,
                      amp=s.amp, scaler=scaler)
         row["val_acc"], row["val_loss"] = evaluate(model, val_loader, dev, criterion)

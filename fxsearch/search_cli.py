@@ -47,7 +47,7 @@ ACT_INDEPENDENT = ("size", "size_bytes", "params", "macs")   # costs blind to ac
 # options that shape the results: a run directory keeps them in settings.json
 RESULT_OPTIONS = ("model", "model_kwargs", "data", "image_size", "cost", "w_precisions", "a_precisions",
                   "sampling", "epochs", "warmup_epochs", "finetune_epochs", "patience", "batch_size", "seed",
-                  "lr", "arch_lr", "finetune_lr", "lambda_ramp_epochs", "normalize_cost", "freeze_bn", "keep", "limit_train",
+                  "lr", "arch_lr", "arch_optimizer", "finetune_lr", "schedule", "lambda_ramp_epochs", "normalize_cost", "freeze_bn", "keep", "limit_train",
                   "limit_eval")
 
 
@@ -168,10 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
       help="BatchNorm normalises with batch statistics during the search (default: it keeps the "
            "warm-up statistics, so that the task loss sees a layer being pruned)")
     a("--lr", type=_rate, default=1e-3, metavar="LR", help="Adam learning rate of the weights (default 1e-3)")
-    a("--arch-lr", type=_rate, default=0.1, metavar="LR",
-      help="SGD learning rate of the choice parameters (default 0.1; the reference uses 1e-2 with "
-           "hundreds of epochs)")
+    a("--arch-optimizer", choices=("sgd", "adam"), default="adam",
+      help="optimiser of the choice parameters (default adam: every channel's logits move at one "
+           "pace, where SGD moves a layer's in proportion to its cost share; sgd: the reference's, momentum 0.9)")
+    a("--arch-lr", type=_rate, default=None, metavar="LR",
+      help="learning rate of the choice parameters (default 0.01 with adam, 0.1 with sgd; the "
+           "reference's SGD uses 1e-2 with hundreds of steps per epoch)")
     a("--finetune-lr", type=_rate, default=1e-3, metavar="LR", help="fine-tune learning rate (default 1e-3)")
+    a("--schedule", choices=("cosine", "constant"), default="cosine",
+      help="learning rate of the warm-up and the fine-tune: cosine decay to 0 (default) or constant")
     a("--batch-size", type=_positive, default=64, metavar="N", help="batch size (default 64)")
     a("--seed", type=_count, default=0, metavar="N", help="random seed of every run (default 0)")
     a("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
@@ -283,6 +288,8 @@ class Sweep:
         from .data import load_data
         from .model_refs import resolve_model_ref
         from .search import SearchSettings
+        if args.arch_lr is None:
+            args.arch_lr = 0.01 if args.arch_optimizer == "adam" else 0.1
         self.args = args
         self.ref = model_ref(args.model)
         probe = resolve_model_ref(self.ref, args.model_kwargs)
@@ -302,7 +309,7 @@ class Sweep:
         self.out = args.out or os.path.join("runs", _slug(f"{args.model}-{args.data.split(':')[0]}"))
         self.settings = SearchSettings(
             epochs=args.epochs, finetune_epochs=args.finetune_epochs, patience=args.patience, lr=args.lr,
-            arch_lr=args.arch_lr, finetune_lr=args.finetune_lr, normalize_cost=args.normalize_cost,
+            arch_lr=args.arch_lr, arch_optimizer=args.arch_optimizer, finetune_lr=args.finetune_lr, schedule=args.schedule, normalize_cost=args.normalize_cost,
             lambda_ramp_epochs=args.lambda_ramp_epochs,
             freeze_bn=args.freeze_bn and args.warmup_epochs > 0, restore_best=args.keep == "best", device=str(self.device), amp=args.amp, progress=not args.quiet,
             log=None if args.quiet else self.epoch_line)
