@@ -6,10 +6,11 @@ from .errors import (CheckpointError, ConfigError, ExportError, FinalizeError, F
                      TraceError, UnsupportedModelError)
 from .exporters import export_onnx, verify_onnx
 from .finalize import finalize
+from .graph_view import GraphReport, inspect_graph
 from .model import SearchModel
 
 __all__ = [
     "convert", "finalize", "export_onnx", "verify_onnx", "SearchConfig", "SearchModel", "FxSearchError", "ConfigError", "TraceError",
     "UnsupportedModelError", "FinalizeError", "ExportError", "CheckpointError",
-    "save", "load",
+    "save", "load", "inspect_graph", "GraphReport",
 ]

@@ -9,7 +9,6 @@ Exit status: 0 on success, 1 on failure (one line on stderr: `error: <ErrorType>
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -18,21 +17,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import ExportError, FxSearchError
+from . import cli
+from .errors import ExportError
 
 BITS = re.compile(r"^w([248])a([248])$", re.IGNORECASE)
-NUMBER_LIST = re.compile(r"\[(?:\s*-?[0-9.eE+]+\s*,?)*\s*\]")  # printed on one line in the report
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.strip().split("," if "," in text else "x"))
-    except ValueError:
-        shape = ()
-    if not shape or any(s <= 0 for s in shape):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape; write positive sizes separated "
-                                         "by commas, batch first, e.g. 1,3,224,224")
-    return shape
 
 
 def _parse_bits(text: str) -> tuple[int, int]:
@@ -41,22 +29,6 @@ def _parse_bits(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: write wNaM with N and M in 2, 4, 8 (weight and "
                                          "activation bits), e.g. w8a8 or w4a8")
     return int(m.group(1)), int(m.group(2))
-
-
-def _parse_kwargs(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"num_classes\": 10}}', got {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,15 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", metavar="PATH", help="a search checkpoint written by fxsearch.save")
     src.add_argument("--model", metavar="REF", help="a model reference, exported at --bits without search")
     p.add_argument("--weights", metavar="PATH", help="with --model: a state_dict file (read with weights_only=True)")
-    p.add_argument("--model-kwargs", metavar="JSON", type=_parse_kwargs, help="with --model: factory kwargs as a JSON object")
-    p.add_argument("--input-shape", metavar="SHAPE", type=_parse_shape, action="append",
+    p.add_argument("--model-kwargs", metavar="JSON", type=cli.json_object, help="with --model: factory kwargs as a JSON object")
+    p.add_argument("--input-shape", metavar="SHAPE", type=cli.shape, action="append",
                    help="example input shape, batch first, e.g. 1,3,224,224 (repeat for several inputs); "
                         "default: the checkpoint's, or the model's known shape (torchvision: 1,3,224,224)")
     p.add_argument("--bits", metavar="wNaM", type=_parse_bits,
                    help="with --model: uniform weight/activation bits, N and M in 2, 4, 8 (default w8a8; "
                         "the network input stays 8-bit)")
     p.add_argument("--format", choices=("qdq", "packed"), default="qdq", help="ONNX flavour (default qdq)")
-    p.add_argument("--opset", metavar="N", type=_positive, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", metavar="N", type=cli.positive, help="ONNX opset (default: the exporter's)")
     p.add_argument("-o", "--output", metavar="PATH", required=True, help="the .onnx file to write")
     p.add_argument("--report", metavar="PATH", help="write a JSON report: per layer channels kept, bits, costs")
     p.add_argument("--check", action="store_true",
@@ -97,52 +69,35 @@ class _Progress:
             print(f"fxsearch.export: {msg}", file=sys.stderr, flush=True)
 
 
-def _inputs(shapes: Sequence[Sequence[int]], dtypes: Sequence[str] = ()) -> tuple[torch.Tensor, ...]:
-    from .checkpoint import example_inputs_from
-    return example_inputs_from([{"shape": list(s), "dtype": dtypes[k] if k < len(dtypes) else "float32"}
-                                for k, s in enumerate(shapes)])
-
-
 def _from_checkpoint(args: argparse.Namespace, say: _Progress):
     from .checkpoint import INFO, load
     sm = load(args.checkpoint)
     info = sm.meta[INFO]
     stored = [s["shape"] for s in info["inputs"]]
     shapes = args.input_shape or stored
-    inputs = _inputs(shapes, [s["dtype"] for s in info["inputs"]])
+    inputs = cli.example_inputs(shapes, [s["dtype"] for s in info["inputs"]])
     say(f"loaded checkpoint {args.checkpoint} (model {info['model_ref']}, "
-        f"{len(sm.analysis.layers)} searchable layers, inputs {', '.join(map(_shape_str, shapes))})")
+        f"{len(sm.analysis.layers)} searchable layers, inputs {', '.join(map(cli.shape_str, shapes))})")
     return sm, inputs, {"checkpoint": args.checkpoint, "model": info["model_ref"], "model_kwargs": info["model_kwargs"]}
 
 
 def _from_model(args: argparse.Namespace, parser: argparse.ArgumentParser, say: _Progress):
-    from .checkpoint import load_weights
     from .convert import convert
-    from .model_refs import default_input_shape, resolve_model_ref
     w_bits, a_bits = args.bits or (8, 8)
-    shapes = args.input_shape
+    ref = cli.model_ref(args.model)
+    shapes = cli.input_shapes(ref, args.input_shape)
     if shapes is None:
-        shape = default_input_shape(args.model)
-        if shape is None:
-            parser.error(f"no default input shape is known for {args.model!r}; pass --input-shape")
-        shapes = [shape]
-    torch.manual_seed(args.seed)
-    model = resolve_model_ref(args.model, args.model_kwargs)
-    if args.weights:
-        load_weights(model, args.weights)
-    inputs = _inputs(shapes)
+        parser.error(f"no default input shape is known for {args.model!r}; pass --input-shape")
+    model = cli.build_model(ref, args.model_kwargs, args.weights, args.seed)
+    inputs = cli.example_inputs(shapes)
     sm = convert(model, inputs, w_precisions=(w_bits,), a_precisions=(a_bits,))
     sm.eval()
-    say(f"built {args.model}{' with ' + args.weights if args.weights else ' (no --weights: initial weights)'}, "
-        f"converted at w{w_bits}a{a_bits} on inputs {', '.join(map(_shape_str, shapes))} "
+    say(f"built {ref}{' with ' + args.weights if args.weights else ' (no --weights: initial weights)'}, "
+        f"converted at w{w_bits}a{a_bits} on inputs {', '.join(map(cli.shape_str, shapes))} "
         "(activation ranges from random example inputs)")
-    source = {"model": args.model, "model_kwargs": args.model_kwargs or {}, "weights": args.weights,
+    source = {"model": ref, "model_kwargs": args.model_kwargs or {}, "weights": args.weights,
               "bits": f"w{w_bits}a{a_bits}"}
     return sm, inputs, source
-
-
-def _shape_str(shape: Sequence[int]) -> str:
-    return "x".join(str(s) for s in shape)
 
 
 def _layers(sm, final: torch.nn.Module) -> list[dict[str, Any]]:
@@ -184,16 +139,11 @@ def _costs(sm, final: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict
     return out
 
 
-def _one_line(m: re.Match) -> str:
-    """A list of numbers that json.dumps(indent=...) spread over lines (never text inside a string)."""
-    return json.dumps(json.loads(m.group(0))) if "\n" in m.group(0) else m.group(0)
-
-
 def _write_json(path: str, data: Any) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
-        text = NUMBER_LIST.sub(_one_line, json.dumps(data, indent=1))
+        text = cli.json_text(data)
         with os.fdopen(fd, "w") as f:
             f.write(text + "\n")
         os.chmod(tmp, 0o644)
@@ -211,6 +161,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.checkpoint and (args.weights or args.model_kwargs is not None or args.bits):
         parser.error("--weights, --model-kwargs and --bits go with --model; a checkpoint holds its own "
                      "weights, model and searched precisions")
+    from .checks import check_output_file
+    for path, what in ((args.output, "-o"), (args.report, "--report")):  # before minutes of work
+        if path:
+            check_output_file(path, ExportError, what)
     sm, inputs, source = _from_checkpoint(args, say) if args.checkpoint else _from_model(args, parser, say)
     from .finalize import finalize
     final = finalize(sm)
@@ -253,15 +207,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        return _run(args, parser)
-    except SystemExit as exit_:  # argparse: --help (0) and usage errors (2)
-        return exit_.code if isinstance(exit_.code, int) else 1
-    except (FxSearchError, OSError) as err:
-        message = " ".join(str(err).split())
-        print(f"error: {type(err).__name__}: {message}", file=sys.stderr)
-        return 1
+    return cli.run_main(parser, lambda args: _run(args, parser), argv)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ from typing import Any, Sequence
 import torch
 
 from . import distributed
-from .errors import ConfigError, FxSearchError
+from . import cli
+from .errors import ConfigError
 
 BASELINES = ("w8a8", "w4a8", "w2a8")
 DEFAULT_LAMBDAS = "1,2,4,8"
@@ -82,12 +83,6 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
-
-
 def _rate(text: str) -> float:
     try:
         value = float(text)
@@ -95,16 +90,6 @@ def _rate(text: str) -> float:
         value = -1.0
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
-    return value
-
-
-def _kwargs(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"num_classes\": 10}}', got {text!r}")
     return value
 
 
@@ -134,11 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                "torchvision:resnet18) or package.module:factory. Exit status: 0 ok, 1 failure, 2 bad usage.")
     a = p.add_argument
     a("--model", default="resnet8", metavar="REF", help="the seed model (default resnet8)")
-    a("--model-kwargs", type=_kwargs, default=None, metavar="JSON",
+    a("--model-kwargs", type=cli.json_object, default=None, metavar="JSON",
       help="factory kwargs as a JSON object (num_classes is set from the data unless given)")
     a("--data", type=_data_spec, default="digits", metavar="SPEC",
       help="digits (bundled with scikit-learn, default), cifar10:PATH or imagefolder:PATH")
-    a("--image-size", type=_positive, default=None, metavar="N", help="digits/imagefolder image side (default 16/32)")
+    a("--image-size", type=cli.positive, default=None, metavar="N", help="digits/imagefolder image side (default 16/32)")
     a("--cost", default="size", choices=sorted(COST_MODELS), help="the cost the search prices (default size)")
     a("--lambdas", type=_floats, default=_floats(DEFAULT_LAMBDAS), metavar="L1,L2",
       help=f"lambda values of the sweep; the cost is normalised by its initial value, so lambda=1 "
@@ -177,18 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--finetune-lr", type=_rate, default=1e-3, metavar="LR", help="fine-tune learning rate (default 1e-3)")
     a("--schedule", choices=("cosine", "constant"), default="cosine",
       help="learning rate of the warm-up and the fine-tune: cosine decay to 0 (default) or constant")
-    a("--batch-size", type=_positive, default=64, metavar="N", help="batch size (default 64)")
+    a("--batch-size", type=cli.positive, default=64, metavar="N", help="batch size (default 64)")
     a("--seed", type=_count, default=0, metavar="N", help="random seed of every run (default 0)")
     a("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     a("--amp", choices=("bf16", "fp16"), default=None,
       help="mixed precision of the training steps: bf16 (CPU or CUDA) or fp16 (CUDA, loss scaling); "
            "the quantizers compute in float32 either way (default: float32 throughout)")
-    a("--threads", type=_positive, default=1, metavar="N",
+    a("--threads", type=cli.positive, default=1, metavar="N",
       help="CPU threads of torch (default 1: small models gain little from more, and lose much "
            "when the cores are shared; raise it for large models)")
     a("--workers", type=_count, default=0, metavar="N", help="DataLoader worker processes (default 0)")
-    a("--limit-train", type=_positive, default=None, metavar="N", help="use the first N training samples")
-    a("--limit-eval", type=_positive, default=None, metavar="N", help="use the first N validation and test samples")
+    a("--limit-train", type=cli.positive, default=None, metavar="N", help="use the first N training samples")
+    a("--limit-eval", type=cli.positive, default=None, metavar="N", help="use the first N validation and test samples")
     a("--check", action="store_true", help="verify every ONNX file with onnxruntime (report: onnx_check)")
     a("--out", default=None, metavar="RUN_DIR", help="run directory (default runs/<model>-<data>)")
     a("-q", "--quiet", action="store_true", help="no progress bars or epoch lines")
@@ -233,21 +218,6 @@ def read_json(path: str) -> Any:
 
 
 # ---- model and data ------------------------------------------------------------------------------
-def model_ref(text: str) -> str:
-    """Bare torchvision names become torchvision:NAME; everything else as model_refs reads it."""
-    from .model_refs import resolve_factory
-    if ":" in text:
-        return text
-    try:
-        resolve_factory(text)
-        return text
-    except ConfigError:
-        import torchvision.models as tvm
-        if text in tvm.list_models():
-            return f"torchvision:{text}"
-        raise
-
-
 def model_kwargs(ref: str, given: dict[str, Any] | None, num_classes: int) -> dict[str, Any]:
     """The user's kwargs, plus num_classes from the data when the factory takes it."""
     from .model_refs import resolve_factory
@@ -291,7 +261,7 @@ class Sweep:
         if args.arch_lr is None:
             args.arch_lr = 0.01 if args.arch_optimizer == "adam" else 0.1
         self.args = args
-        self.ref = model_ref(args.model)
+        self.ref = cli.model_ref(args.model)
         probe = resolve_model_ref(self.ref, args.model_kwargs)
         data = load_data(args.data, channels=input_channels(probe), image_size=args.image_size)
         self.data = data.limited(args.limit_train, args.limit_eval)
@@ -617,19 +587,14 @@ def summary_table(rows: list[dict[str, Any]], cost: str) -> str:
     return "\n".join(lines)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return Sweep(args).execute()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        return Sweep(args).execute()
-    except SystemExit as exit_:  # argparse: --help (0) and usage errors (2)
-        return exit_.code if isinstance(exit_.code, int) else 1
-    except (FxSearchError, OSError) as err:
-        message = " ".join(str(err).split())
-        print(f"error: {type(err).__name__}: {message}", file=sys.stderr)
-        return 1
+    return cli.run_main(build_parser(), _sweep, argv)
 
 
 if __name__ == "__main__":
