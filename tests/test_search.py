@@ -161,6 +161,11 @@ def test_optimisers_follow_the_protocol():
     assert opt_a.param_groups[0]["weight_decay"] == 0 and opt_w.param_groups[0]["lr"] == 1e-3
     with pytest.raises(ConfigError):
         SearchSettings(epochs=-1)
+    opt_a = make_optimizers(sm, SearchSettings(arch_optimizer="adam", arch_lr=0.01))[1]
+    assert isinstance(opt_a, torch.optim.Adam) and opt_a.param_groups[0]["lr"] == 0.01
+    for bad in (dict(arch_optimizer="rmsprop"), dict(schedule="linear")):
+        with pytest.raises(ConfigError):
+            SearchSettings(**bad)
 
 
 def test_search_returns_a_finalized_fine_tuned_model(digits8):
