@@ -88,7 +88,7 @@ def _dot_str(text: str) -> str:
 
 
 def _node_label(row: dict[str, Any]) -> list[str]:
-    lines = [row["name"], f"{row['target']}" + (f" ({row['module']})" if row["module"] else "")]
+    lines = [row["name"], row["target"] + (f" ({row['module']})" if row["module"] else "")]
     if row["shape"] is not None:
         lines.append(_shape_text(row["shape"]))
     for tag, bits, chosen in (("a", row["a_bits"], row["a_chosen"]), ("w", row["w_bits"], row["w_chosen"])):
@@ -124,8 +124,10 @@ def to_dot(report: GraphReport) -> str:
         shape = DOT_SHAPES.get(row["role"] or row["op"])
         if shape:
             attrs["shape"] = shape
-        style = "filled" if shape else "rounded,filled"
-        attrs["style"] = style + (",striped" if len(colours) > 1 and not shape else "")
+        if shape or len(colours) == 1:
+            attrs["style"] = "filled" if shape else "rounded,filled"
+        else:  # one stripe per group (Graphviz stripes boxes; other shapes get a gradient)
+            attrs["style"] = "filled,striped"
         if row["frozen"]:
             attrs.update(color=FROZEN, penwidth="3")
         lines.append(f"  {_dot_str(row['name'])} [" + ", ".join(f"{k}={_dot_str(v)}" for k, v in attrs.items()) + "];")
