@@ -123,7 +123,7 @@ def test_cli_under_torchrun_rank0_writes(tmp_path):
     out = tmp_path / "run"
     args = ["-m", "fxsearch.search", "--model", "dscnn", "--limit-train", "64", "--limit-eval", "32",
             "--image-size", "8", "--epochs", "1", "--warmup-epochs", "1", "--finetune-epochs", "1",
-            "--lambdas", "1", "--baselines", "none", "--batch-size", "16", "--out", str(out)]
+            "--lambdas", "1", "--baselines", "none", "--batch-size", "16", "--amp", "bf16", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
@@ -134,7 +134,7 @@ def test_cli_under_torchrun_rank0_writes(tmp_path):
                      "joint/lambda_1/search.pt", "pareto.csv", "pareto.png", "settings.json", "warmup.json",
                      "warmup.pt"]
     report = json.loads((out / "joint" / "lambda_1" / "report.json").read_text())
-    assert report["processes"] == 2 and report["amp"] is None
+    assert report["processes"] == 2 and report["amp"] == "bf16"
     fxsearch.load(str(out / "joint" / "lambda_1" / "search.pt"))     # plain keys, no DDP prefix
     again = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=tmp_path,
                            timeout=300)
@@ -204,6 +204,21 @@ def test_search_runs_under_bf16_autocast():
     history = run_search(sm, train, DataLoader(_data(16), batch_size=8), lam=1.0,
                          settings=SearchSettings(**{**SETTINGS, "epochs": 1, "amp": "bf16"}))
     assert len(history) == 1 and all(v == v for v in history[0].values())
+
+
+def test_grad_scaler_path_matches_unscaled_steps():
+    """The fp16 path's loss scaling (scale, step both optimisers, update), run here with a CPU
+    GradScaler and no autocast: a power-of-two scale leaves the steps as they were."""
+    from fxsearch.search import make_optimizers, search_epoch
+    states = []
+    for scaler in (None, torch.amp.GradScaler("cpu")):
+        sm = _search_model().train()
+        opt_w, opt_a = make_optimizers(sm, SearchSettings(arch_lr=0.1))
+        search_epoch(sm, DataLoader(_data(), batch_size=GLOBAL_BATCH), opt_w, opt_a, 1.0, cost_scale=1e4,
+                     device="cpu", scaler=scaler)
+        states.append(sm.state_dict())
+    for key, value in states[0].items():
+        assert torch.allclose(states[1][key].float(), value.float(), atol=1e-6), key
 
 
 def test_amp_options_are_checked():
