@@ -27,7 +27,9 @@ The pieces (``make_optimizers``, ``search_epoch``, ``run_search``, ``finetune``,
 work from a user's own loop too; ``sequential_search`` is the prune-then-quantize baseline.
 Any DataLoader yielding (inputs, targets) works; everything runs on ``settings.device``
 ("auto": CUDA when available). ``python -m fxsearch.search`` is the sweep CLI
-(fxsearch/search_cli.py).
+(fxsearch/search_cli.py). In a process group (torchrun; fxsearch/distributed.py) every
+training phase runs under DistributedDataParallel and evaluation sums are all-reduced, so
+every rank must call these functions; ``settings.amp`` runs the training steps under autocast.
 """
 from __future__ import annotations
 
