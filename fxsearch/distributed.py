@@ -15,6 +15,7 @@ cost is computed outside autocast.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from typing import Any, Callable
 
@@ -66,10 +67,12 @@ def init_from_env(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
+        # the other ranks wait at a barrier while rank 0 exports and checks ONNX: allow an hour
+        timeout = datetime.timedelta(minutes=60)
         if dev.type == "cuda":
-            dist.init_process_group("nccl", device_id=dev)
+            dist.init_process_group("nccl", device_id=dev, timeout=timeout)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
     return dev
 
 
