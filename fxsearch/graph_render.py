@@ -27,12 +27,17 @@ def node_colours(row: dict[str, Any]) -> list[str]:
 
 
 # ---- text --------------------------------------------------------------------------------------
+def counts_text(counts: dict[int, int]) -> str:
+    """Units per chosen bit-width, zero counts left out: '0b:3 8b:13'."""
+    return " ".join(f"{b}b:{n}" for b, n in counts.items() if n)
+
+
 def bits_text(precisions: list[int] | None, chosen: Any) -> str:
     """'0,2,4,8 -> 8b:16' (per-unit counts) or '2,4,8 -> 8' (one choice); '' when not searched."""
     if precisions is None:
         return ""
     if isinstance(chosen, dict):
-        chosen = " ".join(f"{b}b:{n}" for b, n in chosen.items() if n)
+        chosen = counts_text(chosen)
     return f"{','.join(map(str, precisions))} -> {chosen}"
 
 
@@ -140,7 +145,7 @@ def to_dot(report: GraphReport) -> str:
 
 
 # ---- HTML --------------------------------------------------------------------------------------
-BOX_W, BOX_H, GAP_X, GAP_Y, MARGIN = 190, 44, 24, 30, 16
+BOX_W, BOX_H, GAP_X, GAP_Y, MARGIN = 200, 56, 24, 30, 16
 
 
 def layout(report: GraphReport) -> dict[str, tuple[int, int]]:
@@ -173,6 +178,18 @@ def _clip(text: str, n: int = 28) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _choices_text(row: dict[str, Any]) -> str:
+    """The chosen bits and frozen units, short: 'w 0b:3 8b:13 · a 8 · frozen 10'."""
+    parts = []
+    if row["w_chosen"] is not None:
+        parts.append("w " + counts_text(row["w_chosen"]))
+    if row["a_chosen"] is not None:
+        parts.append(f"a {row['a_chosen']}")
+    if row["frozen"]:
+        parts.append(f"frozen {row['frozen']}")
+    return " · ".join(parts)
+
+
 def _svg_node(row: dict[str, Any], x: int, y: int) -> list[str]:
     colours = node_colours(row)
     stripe = BOX_W / len(colours)
@@ -185,11 +202,10 @@ def _svg_node(row: dict[str, Any], x: int, y: int) -> list[str]:
                    f'clip-path="url(#c-{html.escape(row["name"])})"/>')
     border = f'stroke="{FROZEN}" stroke-width="3"' if row["frozen"] else 'stroke="#444" stroke-width="1"'
     out.append(f'<rect x="{x}" y="{y}" width="{BOX_W}" height="{BOX_H}" rx="{rx}" fill="none" {border}/>')
-    second = _shape_text(row["shape"]) or row["target"]
-    if row["frozen"]:
-        second = f"frozen {row['frozen']} · " + second
-    out.append(f'<text x="{x + 6}" y="{y + 17}" class="name">{html.escape(_clip(row["name"]))}</text>')
-    out.append(f'<text x="{x + 6}" y="{y + 34}" class="sub">{html.escape(_clip(second, 32))}</text></g>')
+    lines = [row["name"], _shape_text(row["shape"]) or row["target"], _choices_text(row)]
+    for k, (text, cls) in enumerate(zip(lines, ("name", "sub", "sub"))):
+        out.append(f'<text x="{x + 6}" y="{y + 16 + 15 * k}" class="{cls}">{html.escape(_clip(text, 33))}</text>')
+    out.append("</g>")
     return out
 
 
@@ -264,7 +280,7 @@ def to_html(report: GraphReport) -> str:
     styles = [_background(node_colours(r)) if r["groups"] else "" for r in report.nodes]
     names = list(report.costs)
     layer_rows = [[r["layer"], str(r["group"]), str(r["in"]), str(r["out"]),
-                   " ".join(f"{b}b:{n}" for b, n in r["bits"].items() if n), str(r["frozen"]),
+                   counts_text(r["bits"]), str(r["frozen"]),
                    "; ".join(r["reasons"]), *(f"{r['cost'].get(n, 0.0):.6g}" for n in names)] for r in report.layers]
     layer_rows.append(["total", "", "", "", "", "", "", *(f"{report.costs[n]:.6g}" for n in names)])
     parts = [
