@@ -36,6 +36,7 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
 from fxsearch import meta
+from fxsearch.checks import check_finite
 from fxsearch.errors import ExportError
 from fxsearch.final_modules import FakeQuantAct, QuantWeightMixin
 from fxsearch.passes.sort_channels import SORT_RESULT, sort_channels
@@ -241,7 +242,8 @@ def _build(final: torch.fx.GraphModule, example_inputs: Sequence[Any], opset: in
     if opset < 13:
         raise ExportError(f"opset {opset} has no per-channel DequantizeLinear; use opset >= 13")
     layers = quant_layers(final)
-    twin = _float_twin(final).cpu()
+    check_finite(final, ExportError, "fine-tuning diverged: export an earlier state")
+    twin = _float_twin(final).cpu().float()  # a float32 graph whatever the model's dtype (scales are fp32)
     model = _torch_onnx(twin, example_inputs, opset)
     rw = _Rewriter(model)
     rows = []
@@ -273,7 +275,9 @@ def _build(final: torch.fx.GraphModule, example_inputs: Sequence[Any], opset: in
 
 
 def _cpu(example_inputs: Sequence[Any]) -> tuple:
-    return tuple(t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in example_inputs)
+    """The example inputs on the CPU, floating ones in float32 like the exported graph."""
+    return tuple((t.float() if t.is_floating_point() else t).detach().cpu() if isinstance(t, torch.Tensor) else t
+                 for t in example_inputs)
 
 
 def _qdq_layer(rw: _Rewriter, name: str, layer, act, op, w_scale, a_scale, props) -> dict:

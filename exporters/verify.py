@@ -88,7 +88,8 @@ def verify_onnx(final: torch.fx.GraphModule, path: str, example_inputs: Sequence
             while producers[tensor].op_type == "Slice":  # a packed grouped conv's sub-layer input
                 tensor = producers[tensor].input[0]
             tensor_of[id(act)] = (act, tensor)
-    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(model.graph.input, example_inputs)}
+    feeds = {i.name: (t.float() if t.is_floating_point() else t).detach().cpu().numpy()  # float32 graph
+             for i, t in zip(model.graph.input, example_inputs)}
     final.eval()
     with torch.no_grad():
         want = [t.cpu().numpy() for t in tree_flatten(final(*example_inputs))[0]]

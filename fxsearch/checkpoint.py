@@ -202,6 +202,14 @@ def _state_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, An
     return None
 
 
+def _non_finite(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The first floating tensor of a state holding NaN or Inf, described, or None."""
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return f"key {k!r} holds NaN or Inf values"
+    return None
+
+
 # ---- files -----------------------------------------------------------------------------------
 def _file_mode(path: str) -> int:
     """The mode a plain open() would give: the existing file's, else 0o666 minus the umask."""
@@ -277,6 +285,9 @@ def save(
         "state_dict": state, "extra": dict(extra) if extra is not None else {},
     }
     _check_plain(record, "the checkpoint")
+    if _non_finite(state):
+        raise CheckpointError(f"cannot save {path!r}: {_non_finite(state)} (the search diverged?); "
+                              "save an earlier state")
     if verify:
         try:
             rebuilt, _ = _rebuild(record)
@@ -362,7 +373,7 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu") -> SearchModel:
         sm, _ = _rebuild(record)
     except CheckpointError:
         raise
-    except (FxSearchError, KeyError, TypeError) as err:
+    except Exception as err:  # a damaged record or a failing factory: either way, no model
         what = f"{type(err).__name__}: {err}"
         raise CheckpointError(f"cannot rebuild the model of checkpoint {path!r} "
                               f"(model {record['model_ref']!r}): {what}") from err
@@ -371,6 +382,9 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu") -> SearchModel:
     if problem:
         raise CheckpointError(f"checkpoint {path!r} does not match the model it names "
                               f"({record['model_ref']!r}): {problem}")
+    if _non_finite(state):
+        raise CheckpointError(f"checkpoint {path!r}: {_non_finite(state)} (the search diverged?); "
+                              "load an earlier checkpoint")
     sm.load_state_dict(state)
     sm.train(bool(record.get("training", False)))
     if isinstance(map_location, (str, torch.device)) and torch.device(map_location).type != "cpu":

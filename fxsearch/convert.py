@@ -10,6 +10,7 @@ from fxsearch.passes.cost import CostPass
 from fxsearch.passes.insert_search_nodes import InsertSearchNodesPass
 from fxsearch.passes.trace import trace
 
+from .checks import check_example_inputs, check_finite, model_device
 from .config import SearchConfig
 from .model import SearchModel
 
@@ -33,8 +34,23 @@ def convert(
     name -> any of these (the first is the main cost); see fxsearch.cost_models.
     """
     cfg = config if config is not None else SearchConfig(**options)
+    if isinstance(model, torch.nn.Module) and isinstance(example_inputs, (tuple, list)):
+        check_example_inputs(model, example_inputs)  # one device, finite inputs (else trace says why)
+        check_finite(model)
     leaves = tuple(cfg.leaf_modules) + tuple(e for e in cfg.exclude)
     gm = trace(model, example_inputs, leaf_modules=leaves, concrete_args=cfg.concrete_args)
     for p in (ChannelGroupPass(example_inputs, cfg.exclude), InsertSearchNodesPass(cfg), CostPass(cost)):
         gm = p(gm).graph_module
-    return SearchModel.wrap(gm, cfg)
+    return _like(SearchModel.wrap(gm, cfg), model)
+
+
+def _like(sm: SearchModel, model: torch.nn.Module) -> SearchModel:
+    """The search state (choices, clip bounds, index buffers; built on the CPU in float32) on the
+    model's device, and in float64 for a float64 model."""
+    device = model_device(model)
+    if device is not None:
+        sm.to(device)
+    if {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float64}:
+        for name in ("fxs_choices", "fxs_act"):
+            sm.get_submodule(name).to(torch.float64)
+    return sm

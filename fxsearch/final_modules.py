@@ -22,13 +22,13 @@ class FakeQuantAct(nn.Module):
         if signed:
             self.lo = nn.Parameter(lo.detach().clone().reshape(()))
         else:
-            self.register_buffer("lo", torch.zeros(()))
+            self.register_buffer("lo", self.hi.detach().new_zeros(()))
 
     def scale(self) -> torch.Tensor:
-        return act_scale_zero_point(self.lo, self.hi, torch.tensor(float(self.bits)))[0]
+        return act_scale_zero_point(self.lo, self.hi, self.hi.new_tensor(float(self.bits)))[0]
 
     def scale_zero_point(self) -> tuple[float, int]:
-        scale, zp = act_scale_zero_point(self.lo, self.hi, torch.tensor(float(self.bits)))
+        scale, zp = act_scale_zero_point(self.lo, self.hi, self.hi.new_tensor(float(self.bits)))
         return float(scale.detach()), int(zp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import torch
 
 from . import distributed
+from .checks import make_run_dir
 from . import cli
 from .errors import ConfigError
 
@@ -466,7 +467,7 @@ class Sweep:
 
     def _execute(self) -> int:
         if distributed.is_main():
-            os.makedirs(self.out, exist_ok=True)
+            make_run_dir(self.out)
         self.check_settings()
         distributed.barrier()  # every process sees the run directory as rank 0 left it
         self.say(f"run directory {self.out}: model {self.ref}, data {self.data.name} "

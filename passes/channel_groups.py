@@ -317,13 +317,15 @@ class _LabelInterpreter(torch.fx.Interpreter):
         data = map_arg(n.args[0], full)  # only the data operand(s); indices and shapes stay values
         if all(t is None for t in tree_flatten(self.arg_labels(n.args[0]))[0]):
             return tree_map(lambda v: None, value)
+        # labels live on the CPU: so do index tensors applied to them, whatever the model's device
+        rest, kwargs = tree_map(lambda a: a.cpu() if isinstance(a, torch.Tensor) else a, (args[1:], kwargs))
         try:
             if n.op == "call_module":
                 out = module(data)
             elif n.op == "call_method":
-                out = getattr(data, n.target)(*args[1:], **kwargs)
+                out = getattr(data, n.target)(*rest, **kwargs)
             else:
-                out = n.target(data, *args[1:], **kwargs)
+                out = n.target(data, *rest, **kwargs)
         except Exception:  # the op does not accept integer tensors: treat it as unknown
             return self.rule_unknown(n, module, value, args, kwargs, in_lab, where)
         return tree_map(lambda t: self.settle(t, where) if isinstance(t, torch.Tensor) else None, out)

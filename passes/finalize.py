@@ -306,4 +306,6 @@ def finalize_graph(search_model: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Run the finalize pass on a copy of ``search_model`` (which is left as it is)."""
     gm = copy.deepcopy(search_model)
     gm.eval()
-    return FinalizePass()(gm).graph_module
+    device = next((t.device for t in gm.state_dict().values()), None)
+    gm = FinalizePass()(gm).graph_module
+    return gm if device is None else gm.to(device)  # new buffers (w_bits, a zero lo) start on the CPU

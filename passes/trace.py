@@ -102,7 +102,7 @@ class _NamedShapeProp(ShapeProp):
                 root = root.__cause__
             raise TraceError(
                 f"the traced graph fails at node {n.format_node()} on the example inputs: "
-                f"{type(root).__name__}: {str(root).splitlines()[0]}. Check that example_inputs have the shape and "
+                f"{type(root).__name__}: {(str(root).splitlines() or [''])[0]}. Check that example_inputs have the shape and "
                 "dtype the model expects (a tuple with one tensor per positional input)."
             ) from err
 
@@ -110,6 +110,12 @@ class _NamedShapeProp(ShapeProp):
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     """Run the graph once on ``example_inputs`` and record ``node.meta['tensor_meta']``."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [p.name for p in placeholders if not p.args]  # a placeholder's args hold its default
+    if len(example_inputs) < len(required):
+        raise TraceError(
+            f"{len(example_inputs)} example inputs for a model with {len(required)} required inputs "
+            f"({', '.join(required)}); pass one tensor per input, or fix an input with concrete_args"
+        )
     if len(example_inputs) > len(placeholders):
         raise TraceError(
             f"{len(example_inputs)} example inputs for a model with {len(placeholders)} inputs "
