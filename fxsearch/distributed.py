@@ -6,7 +6,8 @@ Training goes through DistributedDataParallel (``wrap``); the search model is wr
 cost (``SearchStep``), so that every use of the choice parameters happens inside the wrapped
 forward. Training data is sharded by DistributedSampler, evaluation data by a strided subset
 whose sums are all-reduced (``all_sum``): the accuracy is that of the whole split. Without a
-process group every function here is a no-op, so one code path serves both.
+process group (or with one process) these functions change nothing, so one code path serves
+both.
 
 AMP: ``autocast`` (bf16 on CPU and CUDA, fp16 on CUDA) and ``grad_scaler`` (fp16 only). The
 quantizers compute in float32 whatever the autocast state (fxsearch/quantizers.py), and the
