@@ -5,6 +5,7 @@ precision sets, a model with no searchable layer; tests/test_checkpoint.py: trun
 and foreign checkpoints) are not repeated here."""
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -218,7 +219,7 @@ def final_and_x():
 
 def test_export_refuses_non_finite_weights(final_and_x, tmp_path):
     final, x = final_and_x
-    final = __import__("copy").deepcopy(final)
+    final = copy.deepcopy(final)
     with torch.no_grad():
         final.fc.bias[3] = float("inf")
     with pytest.raises(ExportError, match="'fc.bias' of QuantLinear 'fc' holds 0 NaN and 1 Inf"):

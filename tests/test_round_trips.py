@@ -4,7 +4,6 @@ checkpoint that exports the same ONNX bytes in a new process."""
 from __future__ import annotations
 
 import copy
-import io
 import os
 import subprocess
 import sys
@@ -171,10 +170,8 @@ def test_checkpoint_exports_the_same_onnx_in_a_new_process(tmp_path):
 
 
 # ---- CUDA ------------------------------------------------------------------------------------
-def _on(module_or_tensors, device: str) -> set[str]:
-    tensors = module_or_tensors.state_dict().values() if isinstance(module_or_tensors, torch.nn.Module) \
-        else module_or_tensors
-    return {t.device.type for t in tensors}
+def _devices(module: torch.nn.Module) -> set[str]:
+    return {t.device.type for t in module.state_dict().values()}
 
 
 @cuda
@@ -185,7 +182,7 @@ def test_cuda_search_finalize_export(model_cls, tmp_path):
     model = model_cls()
     cpu_sm = fxsearch.convert(copy.deepcopy(model), (x,))
     sm = fxsearch.convert(model.cuda(), (x.cuda(),))
-    assert _on(sm, "cuda") == {"cuda"}
+    assert _devices(sm) == {"cuda"}
     sm.load_state_dict(cpu_sm.state_dict())  # the same starting point on both devices
     for s, inp in ((cpu_sm, x), (sm, x.cuda())):
         s.train()
@@ -200,7 +197,7 @@ def test_cuda_search_finalize_export(model_cls, tmp_path):
         torch.testing.assert_close(v.cpu(), cpu_sm.state_dict()[k], rtol=1e-3, atol=1e-3, msg=k)
     assert sm.discrete_cost() >= 0 and sm.cost.device.type == "cuda"
     final = finalize(sm)
-    assert _on(final, "cuda") == {"cuda"}
+    assert _devices(final) == {"cuda"}
     with torch.no_grad():
         want, got = sm(x.cuda()), final(x.cuda())
     assert got.device.type == "cuda"
@@ -220,12 +217,12 @@ def test_cuda_checkpoint_loads_on_the_device_and_exports_the_cpu_bytes(tmp_path)
     sm = searched(M.Residual(), x)
     fxsearch.save(sm, tmp_path / "c.pt", model_ref="models:Residual")
     on_gpu = fxsearch.load(tmp_path / "c.pt", map_location="cuda")
-    assert _on(on_gpu, "cuda") == {"cuda"}
+    assert _devices(on_gpu) == {"cuda"}
     with torch.no_grad():  # a rounding tie may fall the other way on the GPU: a loose bound
         want = sm(x)
         assert (on_gpu(x.cuda()).cpu() - want).abs().max() <= 1e-2 * want.abs().max()
     final = finalize(on_gpu)
-    assert _on(final, "cuda") == {"cuda"}
+    assert _devices(final) == {"cuda"}
     cpu_final = finalize(sm)
     for name, (layer, _) in fxsearch.exporters.onnx_qdq.quant_layers(final).items():
         assert torch.equal(layer.weight_int().cpu(), cpu_final.get_submodule(name).weight_int()), name
