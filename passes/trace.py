@@ -114,7 +114,8 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
     if len(example_inputs) < len(required):
         raise TraceError(
             f"{len(example_inputs)} example inputs for a model with {len(required)} required inputs "
-            f"({', '.join(required)}); pass one tensor per input, or fix an input with concrete_args"
+            f"({', '.join(required)}); pass one example per input, an input fixed by concrete_args "
+            "included (with its fixed value)"
         )
     if len(example_inputs) > len(placeholders):
         raise TraceError(

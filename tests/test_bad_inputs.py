@@ -6,6 +6,7 @@ and foreign checkpoints) are not repeated here."""
 from __future__ import annotations
 
 import copy
+import operator
 import os
 import warnings
 
@@ -152,9 +153,23 @@ def test_convert_refuses_with_a_typed_error_naming_the_culprit(model_fn, inputs_
         assert fragment in str(info.value), (fragment, str(info.value))
 
 
-def test_control_flow_way_out_converts():
+class Flagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, negate):
+        return -self.conv(x) if negate else self.conv(x)
+
+
+def test_control_flow_ways_out_convert():
     sm = fxsearch.convert(Gated(), (x_(),), leaf_modules=[Gate])
     assert any(n.target == "gate" for n in sm.graph.nodes)  # kept whole, run as a module
+    with pytest.raises(TraceError, match=r"1 example inputs .* \(x, negate_1\).*concrete_args included"):
+        fxsearch.convert(Flagged(), (x_(),), concrete_args={"negate": True})
+    sm = fxsearch.convert(Flagged(), (x_(), True), concrete_args={"negate": True})
+    assert any(n.target is operator.neg for n in sm.graph.nodes)  # the branch taken, traced
+    assert sm(x_(), True).shape == (2, 4, 6, 6)
 
 
 @pytest.mark.parametrize("model_cls, layer, reason", [
