@@ -179,7 +179,10 @@ class _Rewriter:
         src = op.input[0]
         key = (src, id(act))
         if key not in self.quantized_inputs:
-            base = f"{src}_a{act.bits}"
+            # torch.onnx merges equal ops (two pools of one tensor), so one tensor can feed
+            # several quantizers: number the later ones
+            twins = sum(1 for s, _ in self.quantized_inputs if s == src)
+            base = f"{src}_a{act.bits}" + (f"_{twins}" if twins else "")
             s = self.add_init(f"{base}_scale", np.array(scale, dtype=np.float32))
             z = self.add_init(f"{base}_zero_point", np.array(zero_point, dtype=np.uint8))
             nodes = [helper.make_node("QuantizeLinear", [src, s, z], [f"{base}_q"], name=f"{base}_quantize")]

@@ -288,6 +288,22 @@ class TwoOutputs(nn.Module):
         return feats, self.fc(feats.mean((2, 3)))
 
 
+class TwoGates(nn.Module):
+    """Two SE gates on one tensor: torch.onnx merges their equal global pools, so one ONNX
+    tensor feeds two activation quantizers (their QDQ names must not clash)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.se1, self.se2 = SqueezeExcitation(4, 2), SqueezeExcitation(4, 3)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = torch.cat([self.se1(x), self.se2(x)], 1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
 class DataDependent(nn.Module):
     """Control flow on a tensor value: torch.fx cannot trace it."""
 

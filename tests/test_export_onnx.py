@@ -60,6 +60,15 @@ def test_qdq_export_agrees_with_onnxruntime(model_cls, tmp_path):
     assert report.ok
 
 
+def test_one_tensor_feeding_two_quantizers(tmp_path):
+    """torch.onnx merges the two equal pools of TwoGates: one ONNX tensor, two 8-bit quantizers."""
+    x = M.example_input(4)
+    final = fxsearch.finalize(fxsearch.convert(M.TwoGates(), (x,)))
+    export_onnx(final, tmp_path / "m.onnx", (x,))
+    report = verify_onnx(final, tmp_path / "m.onnx", (x,))
+    assert report.ok, report.summary()
+
+
 def test_annotations_and_narrow_ranges(tmp_path):
     final, x = _final(M.PlainChain, seed=4)
     path = tmp_path / "m.onnx"
