@@ -41,7 +41,7 @@ from fxsearch.errors import ExportError
 from fxsearch.final_modules import FakeQuantAct, QuantWeightMixin
 from fxsearch.passes.sort_channels import SORT_RESULT, sort_channels
 
-from .files import write_atomically
+from fxsearch.files import write_atomically
 
 DEFAULT_OPSET = 20
 # packed weights: (most bits, TensorProto type, first opset whose DequantizeLinear reads it)
@@ -435,5 +435,5 @@ def export_onnx(final: torch.fx.GraphModule, path: str, example_inputs: Sequence
     if format not in builders:
         raise ExportError(f"format {format!r} is not available; use format='qdq' or 'packed'")
     model = builders[format](final, example_inputs, opset)
-    write_atomically(path, model.SerializeToString())
+    write_atomically(path, model.SerializeToString(), error=ExportError, what="ONNX file")
     return model

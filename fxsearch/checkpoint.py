@@ -10,16 +10,15 @@ written with ``torch.save`` and read with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import pickle
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from .config import SearchConfig
 from .errors import CheckpointError, ConfigError, FxSearchError
+from .files import torch_save_atomically
 from .model import SearchModel
 from .model_refs import check_kwargs, import_ref, object_ref, resolve_factory, resolve_model_ref
 
@@ -210,38 +209,6 @@ def _non_finite(state: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-# ---- files -----------------------------------------------------------------------------------
-def _file_mode(path: str) -> int:
-    """The mode a plain open() would give: the existing file's, else 0o666 minus the umask."""
-    with contextlib.suppress(OSError):
-        return os.stat(path).st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _write_atomically(obj: Any, path: str) -> None:
-    """torch.save into a temporary file next to ``path``, then rename it over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    except OSError as err:
-        raise CheckpointError(f"cannot write checkpoint {path!r}: {err.strerror or err}") from err
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(path))
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise CheckpointError(f"cannot write checkpoint {path!r}: {err.strerror or err}") from err
-        raise
-
-
 def save(
     search_model: SearchModel,
     path: str | os.PathLike,
@@ -299,7 +266,7 @@ def save(
             raise CheckpointError(f"cannot save {path!r}: model {model_ref!r} with kwargs {model_kwargs} "
                                   f"does not rebuild this search model: {problem}; check model_ref and "
                                   "model_kwargs (or the example shapes)")
-    _write_atomically(record, path)
+    torch_save_atomically(record, path, error=CheckpointError, what="checkpoint")
 
 
 def _torch_load(path: str, map_location: Any, what: str) -> Any:

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from typing import Any, Callable, Sequence
 
 import torch
 
 from .errors import ConfigError, FxSearchError
-
-NUMBER_LIST = re.compile(r"\[(?:\s*-?[0-9.eE+]+\s*,?)*\s*\]")
-
+from .files import json_text  # noqa: F401 (the CLIs' JSON format)
 
 # ---- argument types ------------------------------------------------------------------------
 def shape(text: str) -> tuple[int, ...]:
@@ -45,13 +42,6 @@ def json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"num_classes\": 10}}', got {text!r}")
     return value
-
-
-def json_text(data: Any) -> str:
-    """JSON indented by one space, with every list of numbers on one line (shapes, bits)."""
-    def one_line(m: re.Match) -> str:  # never text inside a string: that would not parse alone
-        return json.dumps(json.loads(m.group(0))) if "\n" in m.group(0) else m.group(0)
-    return NUMBER_LIST.sub(one_line, json.dumps(data, indent=1))
 
 
 def shape_str(sizes: Sequence[int]) -> str:

@@ -12,13 +12,13 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 from typing import Any, Sequence
 
 import torch
 
 from . import cli
 from .errors import ExportError
+from .files import write_json
 
 BITS = re.compile(r"^w([248])a([248])$", re.IGNORECASE)
 
@@ -139,23 +139,6 @@ def _costs(sm, final: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict
     return out
 
 
-def _write_json(path: str, data: Any) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        text = cli.json_text(data)
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     say = _Progress(args.quiet)
     if args.checkpoint and (args.weights or args.model_kwargs is not None or args.bits):
@@ -196,7 +179,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             data["costs"] = costs
         if verified is not None:
             data["check"] = verified
-        _write_json(args.report, data)
+        write_json(args.report, data, error=ExportError, what="report")
         say(f"wrote report {args.report}")
     if verified is not None and not verified["ok"]:
         print(f"error: ExportError: {args.output} does not match the PyTorch model: {verified['summary']}",

@@ -117,7 +117,7 @@ def render_graphviz(dot_text: str, fmt: str) -> bytes | None:
 
 
 def _write(kind: str, path: str, texts: dict[str, str], say) -> None:
-    from .exporters.files import write_atomically
+    from .files import write_atomically
     if kind in ("svg", "png"):
         source = os.path.splitext(path)[0] + ".dot"
         write_atomically(source, texts["dot"].encode())

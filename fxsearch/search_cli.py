@@ -32,7 +32,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from typing import Any, Sequence
 
@@ -42,6 +41,7 @@ from . import distributed
 from .checks import make_run_dir
 from . import cli
 from .errors import ConfigError
+from .files import torch_save_atomically as torch_save, write_atomically, write_json
 
 BASELINES = ("w8a8", "w4a8", "w2a8")
 DEFAULT_LAMBDAS = "1,2,4,8"
@@ -182,34 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- files -------------------------------------------------------------------------------------
-def write_atomically(path: str, data: bytes) -> None:
-    """Write to a temporary file next to ``path`` and rename it over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def write_json(path: str, data: Any) -> None:
-    write_atomically(path, (json.dumps(data, indent=1) + "\n").encode())
-
-
-def torch_save(obj: Any, path: str) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_atomically(path, buffer.getvalue())
-
-
 def read_json(path: str) -> Any:
     try:
         with open(path) as f:
