@@ -48,11 +48,14 @@ _LOCAL_FUNCTIONS = {
     F.dropout2d, F.dropout3d, F.alpha_dropout, torch.relu, torch.sigmoid, torch.tanh, torch.exp,
     torch.abs, torch.neg, torch.sqrt, torch.rsqrt, torch.square, torch.clamp, torch.clip,
     torch.erf, torch.log, F.sigmoid, F.tanh, operator.neg, operator.pos, torch.nn.functional.relu_,
+    torch.relu_, torch.sigmoid_, torch.selu, torch.celu, torch.clamp_min, torch.clamp_max,
+    torch.dropout, torch.feature_dropout, torch.alpha_dropout,
 }
 _LOCAL_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "sqrt", "rsqrt",
     "square", "clamp", "clamp_", "clip", "float", "double", "half", "bfloat16", "to", "type_as",
-    "detach", "clone", "contiguous", "erf", "log", "hardtanh_", "nan_to_num",
+    "detach", "clone", "contiguous", "erf", "log", "hardtanh_", "nan_to_num", "clamp_min",
+    "clamp_min_", "clamp_max", "clamp_max_",
 }
 _ELEMENTWISE_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
@@ -73,6 +76,9 @@ _SPATIAL_FUNCTIONS = {
     F.avg_pool3d: 3, F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
     F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3,
     F.interpolate: -1, F.upsample: -1, F.pad: 0,
+    # the same kernels under their torch.* names (adaptive max pooling there returns indices too)
+    torch.max_pool1d: 1, torch.max_pool2d: 2, torch.max_pool3d: 3, torch.avg_pool1d: 1,
+    torch.adaptive_avg_pool1d: 1,
 }
 _STRUCTURAL_FUNCTIONS = {
     torch.cat, torch.concat, torch.concatenate, torch.stack, torch.split, torch.chunk,
@@ -89,8 +95,8 @@ _STRUCTURAL_METHODS = {
 _SHAPE_METHODS = {"size", "dim", "numel"}
 
 LOCAL_NONNEG = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid)
-_NONNEG_FUNCTIONS = {F.relu, F.relu6, torch.relu, torch.sigmoid, F.hardsigmoid, F.sigmoid,
-                     F.softmax, torch.softmax, torch.abs, torch.exp, torch.square}
+_NONNEG_FUNCTIONS = {F.relu, F.relu6, torch.relu, torch.relu_, torch.sigmoid, torch.sigmoid_,
+                     F.hardsigmoid, F.sigmoid, F.softmax, torch.softmax, torch.abs, torch.exp, torch.square}
 _NONNEG_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "softmax", "abs", "exp", "square"}
 
 

@@ -219,3 +219,25 @@ def test_shared_module_called_twice_unites_its_units():
     a = analyze(Twice(), (M.example_input(),))
     assert groups_of(a) == [["a", "b"], ["fc"], ["shared"]]
     assert a.layers["a"].unit_index.tolist() == a.layers["b"].unit_index.tolist() == [0, 1, 2, 3]
+
+
+def test_torch_namespace_aliases_pass_channels():
+    """torch.max_pool2d, torch.selu, clamp_min and the like are the F.* kernels under other
+    names: channels pass through them, nothing is frozen but the model output."""
+
+    class Aliases(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            y = torch.max_pool2d(torch.selu(self.conv1(x)), 2)
+            y = torch.dropout(self.conv2(y).clamp_min(0.0), 0.1, False)
+            y = torch.avg_pool1d(y.flatten(2), 2)
+            return self.fc(torch.clamp_max(y, 6.0).mean(2))
+
+    a = analyze(Aliases(), (M.example_input(),))
+    assert frozen_of(a) == {"fc": (10, [OUTPUT])}
+    assert groups_of(a) == [["conv1"], ["conv2"], ["fc"]]
