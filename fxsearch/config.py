@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Sequence
 
 from .errors import ConfigError
@@ -17,9 +18,10 @@ def _precision_set(name: str, values: Any, allow_zero: bool) -> tuple[int, ...]:
     values = list(values)
     if not values:
         raise ConfigError(f"{name} is empty; give at least one bit-width, e.g. (2, 4, 8)")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int):
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):  # numpy integers count too
             raise ConfigError(f"{name} holds {v!r}, which is not an integer bit-width")
+        v = values[i] = int(v)
         low = 0 if allow_zero else 1
         if not low <= v <= MAX_BITS:
             what = "0 (pruned) to" if allow_zero else "1 to"

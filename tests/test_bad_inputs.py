@@ -162,6 +162,14 @@ class Flagged(nn.Module):
         return -self.conv(x) if negate else self.conv(x)
 
 
+def test_numpy_integer_bit_widths_are_accepted_as_ints():
+    import numpy as np
+    sm = fxsearch.convert(M.PlainChain(), (x_(),), w_precisions=np.array([0, 4, 8]),
+                          a_precisions=[np.int64(8)])
+    assert sm.config.w_precisions == (0, 4, 8) and sm.config.a_precisions == (8,)
+    assert all(type(b) is int for b in sm.config.w_precisions + sm.config.a_precisions)
+
+
 def test_control_flow_ways_out_convert():
     sm = fxsearch.convert(Gated(), (x_(),), leaf_modules=[Gate])
     assert any(n.target == "gate" for n in sm.graph.nodes)  # kept whole, run as a module
