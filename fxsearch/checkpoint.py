@@ -170,6 +170,18 @@ def _check_plain(value: Any, where: str) -> None:
 
 
 # ---- rebuilding ------------------------------------------------------------------------------
+def _model_dtype(model: torch.nn.Module) -> str:
+    """The floating dtype of the model's parameters (float32 when it has none)."""
+    return next((_dtype_name(p.dtype) for p in model.parameters() if p.is_floating_point()), "float32")
+
+
+def _param_dtype(name: Any) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise CheckpointError(f"unknown parameter dtype {name!r} in the checkpoint")
+    return dtype
+
+
 def _rebuild(record: Mapping[str, Any]) -> tuple[SearchModel, tuple[torch.Tensor, ...]]:
     """A freshly converted search model with the checkpoint's structure (weights not loaded).
     The global RNG is left as it was (model factories draw initial weights from it)."""
@@ -177,6 +189,7 @@ def _rebuild(record: Mapping[str, Any]) -> tuple[SearchModel, tuple[torch.Tensor
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = resolve_model_ref(record["model_ref"], record["model_kwargs"])
+        model = model.to(_param_dtype(record.get("dtype", "float32")))
         config = _decode_config(record["config"])
         inputs = example_inputs_from(record["inputs"])
         costs = _decode_costs(record["costs"])
@@ -248,7 +261,7 @@ def save(
         "model_ref": model_ref, "model_kwargs": model_kwargs,
         "config": _encode_config(search_model), "costs": _encode_costs(search_model),
         "inputs": _encode_inputs(search_model, example_shapes),
-        "training": bool(search_model.training),
+        "training": bool(search_model.training), "dtype": _model_dtype(search_model),
         "state_dict": state, "extra": dict(extra) if extra is not None else {},
     }
     _check_plain(record, "the checkpoint")

@@ -95,6 +95,18 @@ def test_float64_end_to_end(tmp_path):
         assert report.weights_exact and report.ok, report.summary()
 
 
+def test_float64_checkpoint_loads_as_float64(tmp_path):
+    x = M.example_input(2).double()
+    sm = searched(M.Residual().double(), x)
+    fxsearch.save(sm, tmp_path / "c.pt", model_ref="models:Residual")
+    back = fxsearch.load(tmp_path / "c.pt").eval()
+    assert {p.dtype for p in back.parameters()} == {torch.float64}
+    for k, v in sm.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    with torch.no_grad():
+        assert torch.equal(back(x), sm(x))
+
+
 # ---- same seed, same bits --------------------------------------------------------------------
 def _run_from_seed(seed: int):
     torch.manual_seed(seed)
