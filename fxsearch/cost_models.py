@@ -55,8 +55,25 @@ def _expect(precisions: Sequence[int], theta: torch.Tensor) -> torch.Tensor:
     return sum((p * theta[i] for i, p in enumerate(precisions) if p), torch.zeros_like(theta[0]))
 
 
+class LayerGeometry:
+    """Sizes derived from a layer's ``kernel`` and ``out_spatial`` (for CostLayer and the cost
+    pass's LayerSpec)."""
+    kernel: tuple[int, ...]
+    out_spatial: tuple[int, ...]
+
+    @property
+    def K(self) -> int:
+        """Weights per output channel per input channel (1 for Linear)."""
+        return math.prod(self.kernel)
+
+    @property
+    def hw_out(self) -> int:
+        """Output positions per output channel (1 for Linear)."""
+        return math.prod(self.out_spatial)
+
+
 @dataclasses.dataclass(frozen=True)
-class CostLayer:
+class CostLayer(LayerGeometry):
     """One call of a searchable layer with its expected quantities."""
 
     name: str
@@ -73,14 +90,6 @@ class CostLayer:
     a_precisions: tuple[int, ...] | None  # input activation bit-widths; None: input in float
     a_theta: torch.Tensor | None         # (len(a_precisions),) probabilities
     count_weights: bool = True           # False for later calls of a module called several times
-
-    @property
-    def K(self) -> int:
-        return math.prod(self.kernel)
-
-    @property
-    def hw_out(self) -> int:
-        return math.prod(self.out_spatial)
 
     @property
     def bits(self) -> torch.Tensor:

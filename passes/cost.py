@@ -14,7 +14,6 @@ channel (repeated once per flatten position).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
@@ -22,14 +21,14 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxsearch import meta
-from fxsearch.cost_models import resolve_costs
+from fxsearch.cost_models import LayerGeometry, resolve_costs
 from fxsearch.errors import UnsupportedModelError
 
 from .channel_groups import ChannelAnalysis, LayerInfo
 
 
 @dataclasses.dataclass
-class LayerSpec:
+class LayerSpec(LayerGeometry):
     """One call of a searchable layer, as indices into the search model's choice modules."""
 
     name: str                       # module qualified name
@@ -50,14 +49,6 @@ class LayerSpec:
     in_choices: dict[int, str]      # group -> GroupChoice module, for the groups in in_group
     count_weights: bool = True      # False for later calls of a module called several times
     _on_device: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def K(self) -> int:
-        return math.prod(self.kernel)
-
-    @property
-    def hw_out(self) -> int:
-        return math.prod(self.out_spatial)
 
     @property
     def in_fixed(self) -> int:
