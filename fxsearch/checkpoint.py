@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from . import meta
 from .config import SearchConfig
 from .errors import CheckpointError, ConfigError, FxSearchError
 from .files import torch_save_atomically
@@ -24,7 +25,6 @@ from .model_refs import check_kwargs, import_ref, object_ref, resolve_factory, r
 
 FORMAT = "fxsearch.search_checkpoint"
 VERSION = 1
-INFO = "fxsearch.checkpoint"  # SearchModel.meta key: what load read (model_ref, kwargs, shapes, extra)
 
 
 # ---- encoding the pieces as plain data ---------------------------------------------------
@@ -51,7 +51,7 @@ def _decode_modules(entries: list[dict[str, str]]) -> tuple[Any, ...]:
 
 
 def _encode_costs(model: SearchModel) -> list[dict[str, Any]] | None:
-    from . import cost_models, meta
+    from . import cost_models
     models = model.meta.get(meta.COST_MODELS)
     if models is None:
         return None
@@ -346,7 +346,7 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu") -> SearchModel:
     """Rebuild a search model saved by ``fxsearch.save``: weights, choices, clip ranges,
     temperature, sampling mode and train/eval mode. ``map_location`` as in torch.load; a
     device moves the model there. What the file stored besides the model (model_ref,
-    model_kwargs, input shapes, extra) is in ``model.meta["fxsearch.checkpoint"]``."""
+    model_kwargs, input shapes, extra) is in ``model.meta[fxsearch.meta.CHECKPOINT]``."""
     path = os.fspath(path)
     record = _read(path, map_location)
     try:
@@ -369,5 +369,5 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu") -> SearchModel:
     sm.train(bool(record.get("training", False)))
     if isinstance(map_location, (str, torch.device)) and torch.device(map_location).type != "cpu":
         sm.to(map_location)
-    sm.meta[INFO] = {k: record.get(k) for k in ("model_ref", "model_kwargs", "inputs", "extra")}
+    sm.meta[meta.CHECKPOINT] = {k: record.get(k) for k in ("model_ref", "model_kwargs", "inputs", "extra")}
     return sm

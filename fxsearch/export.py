@@ -70,9 +70,10 @@ class _Progress:
 
 
 def _from_checkpoint(args: argparse.Namespace, say: _Progress):
-    from .checkpoint import INFO, load
+    from . import meta
+    from .checkpoint import load
     sm = load(args.checkpoint)
-    info = sm.meta[INFO]
+    info = sm.meta[meta.CHECKPOINT]
     stored = [s["shape"] for s in info["inputs"]]
     shapes = args.input_shape or stored
     inputs = cli.example_inputs(shapes, [s["dtype"] for s in info["inputs"]])

@@ -5,10 +5,10 @@ LABELS = "fxsearch.labels"          # channel labels of the node's value (see pa
 NONNEG = "fxsearch.nonneg"          # True when the value is known to be >= 0 (ReLU-like producers)
 RANGE = "fxsearch.range"            # (min, max) of the value on the example inputs
 ROLE = "fxsearch.role"              # "weight_search", "act_search", "choice" for inserted nodes
-LAYER = "fxsearch.layer"            # qualified name of the searchable layer a node belongs to
 GROUP = "fxsearch.group"            # group id of a searchable layer
 
 # GraphModule.meta
 ANALYSIS = "fxsearch.channel_analysis"  # ChannelAnalysis written by the channel-group pass
 COST_LAYERS = "fxsearch.cost_layers"    # list[LayerSpec] written by the cost pass (passes/cost.py)
 COST_MODELS = "fxsearch.cost_models"    # dict name -> CostModel priced by SearchModel.cost (first = main)
+CHECKPOINT = "fxsearch.checkpoint"      # what fxsearch.load read: model_ref, model_kwargs, inputs, extra

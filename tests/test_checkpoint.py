@@ -13,7 +13,8 @@ import torch.nn as nn
 
 import fxsearch
 from fxsearch import CheckpointError, ConfigError
-from fxsearch.checkpoint import FORMAT, INFO, VERSION
+from fxsearch import meta
+from fxsearch.checkpoint import FORMAT, VERSION
 from fxsearch.model_refs import default_input_shape, resolve_model_ref
 from fxsearch.search_modules import GroupChoice
 from fxsearch.zoo import resnet8
@@ -60,7 +61,7 @@ def test_round_trip_same_process(saved):
     assert loaded.sampling == sm.sampling and loaded.config.w_precisions == sm.config.w_precisions
     assert set(loaded.costs) == {"size", "mpic"}
     assert loaded.discrete_cost("mpic") == sm.discrete_cost("mpic")
-    info = loaded.meta[INFO]
+    info = loaded.meta[meta.CHECKPOINT]
     assert info["model_ref"] == "resnet8" and info["inputs"] == [{"shape": list(X), "dtype": "float32"}]
     assert info["extra"]["epoch"] == 3 and torch.equal(info["extra"]["t"], torch.arange(3))
     # the finalized models agree too: same pruned channels, same integers
