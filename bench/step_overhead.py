@@ -7,6 +7,9 @@ Steps of the two alternate, so both see the same machine load; the time ratio is
 of the per-pair ratios. Peak memory of one step counts everything live (parameters,
 optimiser state, activations, temporaries): CUDA's allocator peak, or on CPU the profiler's
 allocation trace (``profile_memory``) plus what was live when the step began.
+Two search models are timed: "eager" (the default quantizers) and "fused"
+(SearchModel.fuse_quantizers(): the quantizers compiled by torch.compile; its first steps,
+which compile, are part of the warm-up and not timed).
 Targets (issue 7): time ratio <= 1.3, peak memory ratio <= 1.5.
 
     python bench/step_overhead.py [--device cuda] [--threads 2] [--pairs 20] [--models resnet8,dscnn]
@@ -96,7 +99,8 @@ def measure(name: str, device: str, pairs: int) -> dict:
     x = torch.randn(BATCH, *shape, device=device)
     y = torch.randint(0, classes, (BATCH,), device=device)
     trainers = {"float": Trainer(factory().to(device).train()),
-                "search": Trainer(fxsearch.convert(factory(), (x[:8].cpu(),)).to(device).train())}
+                "eager": Trainer(fxsearch.convert(factory(), (x[:8].cpu(),)).to(device).train()),
+                "fused": Trainer(fxsearch.convert(factory(), (x[:8].cpu(),)).fuse_quantizers().to(device).train())}
     for t in trainers.values():  # warm-up (optimiser state, allocator, lazy init)
         t.step(x, y)
         t.step(x, y)
@@ -110,13 +114,14 @@ def measure(name: str, device: str, pairs: int) -> dict:
             if device == "cuda":
                 torch.cuda.synchronize()
             times[k].append(time.perf_counter() - start)
-    pairs = [s / f for f, s in zip(times["float"], times["search"])]
     mem = {k: peak_step_bytes(t, x, y) for k, t in trainers.items()}
-    return {"model": name, "float_ms": 1e3 * statistics.median(times["float"]),
-            "search_ms": 1e3 * statistics.median(times["search"]),
-            "time_ratio": statistics.median(pairs),
-            "float_mib": mem["float"] / 2 ** 20, "search_mib": mem["search"] / 2 ** 20,
-            "mem_ratio": mem["search"] / mem["float"]}
+    row = {"model": name, "float_ms": 1e3 * statistics.median(times["float"]), "float_mib": mem["float"] / 2 ** 20}
+    for k in ("eager", "fused"):
+        row[f"{k}_ms"] = 1e3 * statistics.median(times[k])
+        row[f"{k}_x"] = statistics.median(s / f for f, s in zip(times["float"], times[k]))
+        row[f"{k}_mib"] = mem[k] / 2 ** 20
+        row[f"{k}_mem_x"] = mem[k] / mem["float"]
+    return row
 
 
 def main() -> None:
@@ -129,11 +134,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"device={args.device} threads={torch.get_num_threads()} batch={BATCH} "
           f"pairs={args.pairs} torch={torch.__version__}")
-    print(f"{'model':<10} {'float ms':>9} {'search ms':>10} {'time x':>7} {'float MiB':>10} {'search MiB':>11} {'mem x':>6}")
+    print(f"{'model':<10} {'float ms':>9} {'eager ms':>9} {'x':>5} {'fused ms':>9} {'x':>5} "
+          f"{'float MiB':>10} {'eager MiB':>10} {'x':>5} {'fused MiB':>10} {'x':>5}")
     for name in args.models.split(","):
         r = measure(name, args.device, args.pairs)
-        print(f"{r['model']:<10} {r['float_ms']:>9.1f} {r['search_ms']:>10.1f} {r['time_ratio']:>7.2f} "
-              f"{r['float_mib']:>10.1f} {r['search_mib']:>11.1f} {r['mem_ratio']:>6.2f}", flush=True)
+        print(f"{r['model']:<10} {r['float_ms']:>9.1f} {r['eager_ms']:>9.1f} {r['eager_x']:>5.2f} "
+              f"{r['fused_ms']:>9.1f} {r['fused_x']:>5.2f} {r['float_mib']:>10.1f} {r['eager_mib']:>10.1f} "
+              f"{r['eager_mem_x']:>5.2f} {r['fused_mib']:>10.1f} {r['fused_mem_x']:>5.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -68,8 +68,18 @@ class MixedWeightQuant(torch.autograd.Function):
         return grad_w, grad_theta, None
 
 
-def fake_quant_weight(w: torch.Tensor, bits: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Mixed quantized weight: sum over precisions `bits` (all > 0) of theta[p, c] * Q_p(W_c)."""
+def _fused(fused: bool) -> bool:
+    """Whether to take the compiled quantizers (fxsearch.fused_quantizers): asked for, and a
+    gradient wanted (without one the eager path skips idle precisions)."""
+    return fused and torch.is_grad_enabled()
+
+
+def fake_quant_weight(w: torch.Tensor, bits: torch.Tensor, theta: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """Mixed quantized weight: sum over precisions `bits` (all > 0) of theta[p, c] * Q_p(W_c).
+    fused: compiled loops (fxsearch.fused_quantizers), same values."""
+    if _fused(fused):
+        from .fused_quantizers import FusedWeightQuant
+        return FusedWeightQuant.apply(w, theta, bits)
     return MixedWeightQuant.apply(w, theta, bits)
 
 
@@ -174,14 +184,18 @@ class MixedActQuant(torch.autograd.Function):
 
 
 def fake_quant_act(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor,
-                   theta: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+                   theta: torch.Tensor, mask: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
     """Mixed PACT activation quantization: sum_p theta[p] * Q_p(clip(x, lo, hi)), times `mask`
     (broadcast against x) if given. Computed in float32 whatever x's dtype (autocast hands
-    bf16/fp16 here; their rounding would move the grid); the result is float32 then."""
+    bf16/fp16 here; their rounding would move the grid); the result is float32 then.
+    fused: compiled loops (fxsearch.fused_quantizers), same values."""
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     mask = None if mask is None else mask.to(x.dtype)
-    return MixedActQuant.apply(x, lo.to(x.dtype), hi.to(x.dtype), theta.to(x.dtype), bits.to(x.dtype), mask)
+    fn = MixedActQuant
+    if _fused(fused):
+        from .fused_quantizers import FusedActQuant as fn
+    return fn.apply(x, lo.to(x.dtype), hi.to(x.dtype), theta.to(x.dtype), bits.to(x.dtype), mask)
 
 
 def sample_choice(logits: torch.Tensor, temperature: float, mode: str, training: bool) -> torch.Tensor:

@@ -93,7 +93,7 @@ class ActSearch(_Choice):
 
     def quantize(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """sum_p theta_a[p] * Q_p(x), times `mask` (in the same pass) if given."""
-        return fake_quant_act(x, self.lo, self.hi, self.bits, self.theta(), mask)
+        return fake_quant_act(x, self.lo, self.hi, self.bits, self.theta(), mask, getattr(self, "fused", False))
 
     def mask(self, thetas: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """1 - theta[0] of the unit each position holds, 1 where it holds no prunable channel."""
@@ -123,7 +123,7 @@ class WeightSearchMixin:
 
     def effective_params(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         t = self.channel_theta(theta).to(self.weight.dtype)
-        weight = fake_quant_weight(self.weight, self.bits, t[self.nonzero_rows])
+        weight = fake_quant_weight(self.weight, self.bits, t[self.nonzero_rows], getattr(self, "fused", False))
         bias = self.bias
         if bias is not None and self.zero_row is not None:
             bias = bias * (1 - t[self.zero_row])

@@ -81,3 +81,40 @@ def test_act_quant_with_mask_and_saturating_codes_matches_reference():
     want = torch.autograd.grad((ref * g).sum(), (x, lo, hi, theta, mask))
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a, b)
+
+
+def test_fused_quantizers_match_the_eager_ones():
+    """The compiled quantizers (SearchModel.fuse_quantizers) give the eager values exactly and
+    their gradients to float rounding; where compiling fails they fall back to the eager ones."""
+    torch.manual_seed(3)
+    bits = torch.tensor([2.0, 4.0, 8.0])
+    cases = [  # unsigned with a per-channel mask; signed, no mask; a saturating 2-bit grid with a mask
+        (3 * torch.randn(4, 8, 6, 6), 0.0, 2.5, bits, torch.rand(1, 8, 1, 1)),
+        (torch.randn(2, 4, 5, 5), -1.5, 2.5, bits, None),
+        ((torch.linspace(-1, 1, 41) + 0.013).repeat(2, 3, 1).unsqueeze(3), -0.75, 0.75, bits[:2],
+         torch.tensor([1.0, 0.0, 0.4]).view(1, 3, 1, 1)),
+    ]
+    for x, lo, hi, b, mask in cases:
+        theta = torch.softmax(torch.randn(len(b)), 0)
+        g = torch.randn_like(x)
+        results = []
+        for fused in (False, True):
+            leaves = [x.clone().requires_grad_(), torch.tensor(lo, requires_grad=lo != 0.0), torch.tensor(hi, requires_grad=True),
+                      theta.clone().requires_grad_()] + ([] if mask is None else [mask.clone().requires_grad_()])
+            out = fake_quant_act(leaves[0], leaves[1], leaves[2], b, leaves[3], leaves[4] if mask is not None else None, fused=fused)
+            results.append((out, torch.autograd.grad((out * g).sum(), [t for t in leaves if t.requires_grad])))
+        (out, grads), (fused_out, fused_grads) = results
+        assert torch.equal(out, fused_out)
+        for a, c in zip(grads, fused_grads):
+            assert torch.allclose(a, c, rtol=1e-4, atol=1e-4), (a, c)
+    w = torch.randn(6, 4, 3, 3)
+    theta = torch.softmax(torch.randn(3, 6), 0)
+    g = torch.randn(6, 4, 3, 3)
+    results = []
+    for fused in (False, True):
+        leaves = (w.clone().requires_grad_(), theta.clone().requires_grad_())
+        out = fake_quant_weight(leaves[0], bits, leaves[1], fused=fused)
+        results.append((out, torch.autograd.grad((out * g).sum(), leaves)))
+    assert torch.equal(results[0][0], results[1][0])
+    for a, c in zip(results[0][1], results[1][1]):
+        assert torch.allclose(a, c, rtol=1e-4, atol=1e-5)
