@@ -66,13 +66,17 @@ def quant_layers(final: torch.fx.GraphModule) -> dict[str, tuple[QuantWeightMixi
 
 def _float_twin(final: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """The finalized model with dequantized float weights and identity activation quantizers."""
-    twin = copy.deepcopy(final).eval()
+    # the quantized layers' weights are replaced below: copying them first would only cost time
+    shared = [m.weight for m in final.modules() if isinstance(m, QuantWeightMixin)]
+    twin = copy.deepcopy(final, {id(t): t for t in shared}).eval()
     for name, module in list(twin.named_modules()):
         if isinstance(module, QuantWeightMixin):
             plain = _PLAIN[type(module).__name__].__new__(_PLAIN[type(module).__name__])
             plain.__dict__.update(module.__dict__)
+            plain._parameters = dict(module._parameters)
             plain._buffers = {k: v for k, v in module._buffers.items() if k not in ("w_bits", "w_range")}
-            plain.weight = nn.Parameter(module.quant_weight().detach())
+            with torch.no_grad():
+                plain.weight = nn.Parameter(module.quant_weight())
             _replace(twin, name, plain)
         elif isinstance(module, FakeQuantAct):
             _replace(twin, name, nn.Identity())

@@ -43,11 +43,18 @@ def model_device(model: nn.Module) -> torch.device | None:
     return device
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`: its sum is finite (one read, no mask written; on ResNet-50 many
+    times faster than isfinite().all()), else the exact check (a sum of finite values can
+    overflow)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def check_finite(model: nn.Module, error: type[FxSearchError] = UnsupportedModelError,
                  way_out: str = "load finite weights (a diverged training?)") -> None:
     """Refuse a floating parameter or buffer holding NaN or Inf, naming it and its module."""
     for name, owner, t in _tensors(model):
-        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and t.device.type != "meta" and not all_finite(t):
             nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
             raise error(f"'{name}' of {owner} holds {nan} NaN and {inf} Inf values; {way_out}")
 
@@ -65,7 +72,7 @@ def check_example_inputs(model: nn.Module, example_inputs: Sequence[Any]) -> Non
         if x.device.type == "meta":
             raise TraceError(f"example_inputs[{k}] is on the meta device and holds no values; "
                              "pass real tensors (the channel analysis runs the model on them)")
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        if x.is_floating_point() and not all_finite(x):
             raise TraceError(f"example_inputs[{k}] holds NaN or Inf values; they would set NaN "
                              "activation ranges: pass finite example inputs")
 

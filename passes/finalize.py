@@ -25,6 +25,7 @@ from fxsearch import meta
 from fxsearch.errors import FinalizeError
 from fxsearch.final_modules import FakeQuantAct, QuantWeightMixin, quant_class_for
 from fxsearch.quantizers import weight_absmax
+from fxsearch.search_modules import WeightSearchMixin
 
 from .channel_groups import ChannelAnalysis, varying_dims
 from .op_kinds import node_kind
@@ -302,10 +303,28 @@ class FinalizePass(PassBase):
             gm.graph.erase_node(node)
 
 
+def _copy_without_layer_weights(search_model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A deep copy whose searchable layers still point at the search model's weights and
+    biases: _shrink_layer replaces them by sliced copies before anything writes to them, so
+    copying them first (most of the model's memory) would only cost time."""
+    layers = [m for m in search_model.modules() if isinstance(m, WeightSearchMixin)]
+    shared = [t for m in layers for t in (m.weight, m.bias) if t is not None]
+    return copy.deepcopy(search_model, {id(t): t for t in shared})
+
+
+def _unshare(gm: torch.fx.GraphModule, search_model: torch.fx.GraphModule) -> None:
+    """Copy any tensor the finalized model still shares with the search model (none expected)."""
+    theirs = {t.data_ptr() for t in search_model.parameters()}
+    for name, t in list(gm.named_parameters()):
+        if t.data_ptr() in theirs:
+            _set_attr(gm, name, nn.Parameter(t.detach().clone(), t.requires_grad))
+
+
 def finalize_graph(search_model: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Run the finalize pass on a copy of ``search_model`` (which is left as it is)."""
-    gm = copy.deepcopy(search_model)
+    gm = _copy_without_layer_weights(search_model)
     gm.eval()
     device = next((t.device for t in gm.state_dict().values()), None)
     gm = FinalizePass()(gm).graph_module
+    _unshare(gm, search_model)
     return gm if device is None else gm.to(device)  # new buffers (w_bits, a zero lo) start on the CPU
