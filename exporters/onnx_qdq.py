@@ -242,6 +242,7 @@ def _dequantize_bias(rw: _Rewriter, bias: str, a_scale: float | None, w_scale: n
         rw.dequantize_initializer(bias, _bias_int32(numpy_helper.to_array(rw.inits[bias]), b_scale), b_scale)
 
 
+@torch.no_grad()  # integer weights and scales without autograd (the same floats, fewer passes)
 def _build(final: torch.fx.GraphModule, example_inputs: Sequence[Any], opset: int, fmt: str,
            write_layer: Callable[..., dict]) -> onnx.ModelProto:
     """Export the float twin of `final`, quantize every layer's input, let `write_layer` store
