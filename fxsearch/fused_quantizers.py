@@ -36,13 +36,12 @@ def _act_codes(x, lo, hi, scale, zp, levels):
     return y, torch.clamp(t, cmin, cmax), inside
 
 
-def _in_order(t: torch.Tensor) -> torch.Tensor:
-    """t[0] + t[1] + ... in this order, as the eager quantizers sum (a reduction may reorder);
-    unrolled when compiled (one loop)."""
-    rows = t.unbind(0)
-    out = rows[0]
-    for row in rows[1:]:
-        out = out + row
+def _in_order(term, count: int) -> torch.Tensor:
+    """term(0) + term(1) + ... in this order, as the eager quantizers sum (a reduction may
+    reorder); unrolled when compiled into one loop, with no (P, ...) stack in memory."""
+    out = term(0)
+    for p in range(1, count):
+        out = out + term(p)
     return out
 
 
@@ -51,30 +50,37 @@ def _in_order(t: torch.Tensor) -> torch.Tensor:
 def _act_forward(x, shape, lo, hi, scale, zp, levels, scaled_theta, mask):
     x = x.reshape(shape)
     mask = None if mask is None else mask.reshape(1, shape[1], 1)
-    _, codes, _ = _act_codes(x, lo, hi, scale, zp, levels)
-    out = _in_order(codes * _view(scaled_theta, x.dim()))
+    y = torch.clamp(x, lo, hi)
+    out = _in_order(lambda p: torch.clamp(torch.round(y / scale[p]), -zp[p], levels[p] - zp[p]) * scaled_theta[p],
+                    len(scale))
     return out if mask is None else out * mask
 
 
 def _act_backward(x, grad, shape, lo, hi, scale, zp, levels, theta, mask):
     """grad_x, and per precision and channel (mask's dim C of (A, C, R)) the sums against grad
-    of the codes, and of y, [x > hi], [x < lo] where the code is inside its grid: (4, P, C)."""
+    of the codes, and of y, [x > hi], [x < lo] where the code is inside its grid: 4 x (P, C).
+    One term per precision, unrolled: no (P, ...) stack for the compiler to keep in memory."""
     x, grad = x.reshape(shape), grad.reshape(shape)
-    y, codes, inside = _act_codes(x, lo, hi, scale, zp, levels)
-    live = (inside * _view(theta, 3)).sum(0)
+    y = torch.clamp(x, lo, hi)
+    above, below = (x > hi).to(x.dtype), (x < lo).to(x.dtype)
+    sums, live = [[], [], [], []], 0
+    for p in range(len(scale)):
+        t = torch.round(y / scale[p])
+        inside = ((t >= -zp[p]) & (t <= levels[p] - zp[p])).to(x.dtype)
+        gi = grad * inside
+        live = live + inside * theta[p]
+        for k, v in enumerate((torch.clamp(t, -zp[p], levels[p] - zp[p]) * grad, gi * y, gi * above, gi * below)):
+            sums[k].append(v.sum((0, 2)))
     if mask is not None:
         live = live * mask.reshape(1, shape[1], 1)
     grad_x = torch.where((x >= lo) & (x <= hi), grad * live, 0)
-    g = grad.unsqueeze(0)
-    gi = g * inside
-    sums = [codes * g, gi * y, gi * (x > hi).to(x.dtype), gi * (x < lo).to(x.dtype)]
-    return grad_x, *[t.sum((1, 3)) for t in sums]  # reductions over one range: one loop
+    return grad_x, *[torch.stack(v) for v in sums]
 
 
 def _weight_forward(w, k, scale, theta):  # w viewed (C, K), scale and theta (P, C)
     w = w.reshape(-1, k)
-    s = scale.unsqueeze(2)
-    return _in_order(torch.round(w.unsqueeze(0) / s) * s * theta.unsqueeze(2))
+    s, t = scale.unsqueeze(2), theta.unsqueeze(2)
+    return _in_order(lambda p: torch.round(w / s[p]) * s[p] * t[p], len(scale))
 
 
 def _weight_grad_theta(w, grad, k, scale):
