@@ -28,7 +28,7 @@ from fxsearch.quantizers import weight_absmax
 from fxsearch.search_modules import WeightSearchMixin
 
 from .channel_groups import ChannelAnalysis, varying_dims
-from .op_kinds import node_kind
+from .op_kinds import node_kind, remove_dead_code
 
 # SyncBatchNorm (convert_sync_batchnorm on a search model) folds as the BatchNormNd it replaced
 _FOLDABLE_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -161,7 +161,7 @@ class FinalizePass(PassBase):
             if node.meta.get(meta.ROLE) == "choice":
                 gm.graph.erase_node(node)
         self._fold_batchnorm(gm)
-        gm.graph.eliminate_dead_code()
+        remove_dead_code(gm)
         gm.graph.lint()
         gm.recompile()
         gm.delete_all_unused_submodules()

@@ -162,3 +162,25 @@ def is_nonneg_producer(node: torch.fx.Node, module: nn.Module | None) -> bool:
     if node.op == "call_function":
         return _contains(_NONNEG_FUNCTIONS, node.target)
     return node.op == "call_method" and node.target in _NONNEG_METHODS
+
+
+def mutates_input(node: torch.fx.Node, module: nn.Module | None) -> bool:
+    """In-place ops (x.relu_(), F.relu(x, inplace=True), x += y, nn.ReLU(inplace=True)): kept
+    even when their result is unused, since they change a tensor that others read."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_module":
+        return bool(getattr(module, "inplace", False))
+    name = getattr(node.target, "__name__", "")
+    return bool(node.kwargs.get("inplace")) or (name.endswith("_") and not name.endswith("__")) or \
+        node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
+def remove_dead_code(gm: torch.fx.GraphModule) -> None:
+    """Erase nodes whose results nobody reads, unless they have side effects (fx's own
+    eliminate_dead_code drops in-place method calls such as a bare ``y.relu_()``)."""
+    modules = dict(gm.named_modules())
+    for node in reversed(list(gm.graph.nodes)):
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if not node.users and not node.is_impure() and not mutates_input(node, module):
+            gm.graph.erase_node(node)

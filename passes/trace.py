@@ -3,6 +3,8 @@
 torch.nn modules (and torchvision's StochasticDepth) stay whole as leaves; the graph is
 traced with the model in eval mode, i.e. the inference graph (train-only branches such as
 auxiliary heads are not part of it); the mode the model had is restored on the result.
+Code whose result nothing reads (a layer computed and never used) is dropped, so that the
+search neither prices nor searches it: finalize would remove it anyway.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import torch.fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxsearch.errors import TraceError
+
+from .op_kinds import remove_dead_code
 
 
 def _default_leaf_types() -> tuple[type, ...]:
@@ -79,6 +83,8 @@ def trace(
             "concrete_args={...}, or exclude that module."
         ) from err
     gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    remove_dead_code(gm)
+    gm.recompile()
     propagate_shapes(gm, example_inputs)
     gm.train(was_training)
     return gm

@@ -304,6 +304,35 @@ class TwoGates(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
 
 
+class DeadBranch(nn.Module):
+    """A conv whose output nothing reads: not searched, not priced, gone after finalize."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.unused = nn.Conv2d(6, 5, 1)
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        self.unused(y)
+        return self.fc(y.mean((2, 3)))
+
+
+class InplaceStatement(nn.Module):
+    """``y.relu_()`` as a statement: its result is unused, yet it changes what fc reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x):
+        y = self.a(x)
+        y.relu_()
+        return self.fc(y.mean((2, 3)))
+
+
 class DataDependent(nn.Module):
     """Control flow on a tensor value: torch.fx cannot trace it."""
 

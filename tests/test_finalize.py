@@ -10,10 +10,11 @@ import torchvision
 from torch.utils._pytree import tree_flatten
 
 import fxsearch
+from fxsearch.cost_models import count_cost
 from fxsearch.final_modules import FakeQuantAct, QuantWeightMixin
 from fxsearch.search_modules import ActSearch, GroupChoice
 
-from models import MICRO_MODELS, example_input
+from models import MICRO_MODELS, DeadBranch, InplaceStatement, example_input
 
 HIGH = dict(w_precisions=(0, 16), a_precisions=(16,), input_bits=16)  # quantization noise << float eps
 
@@ -89,6 +90,17 @@ def test_torchvision_finalize_exactly(name):
     calibrate(sm, x)
     final = _check_exact(sm, x, 0.3, rtol=1e-3)
     assert sum(p.numel() for p in final.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("model_cls", [DeadBranch, InplaceStatement], ids=lambda c: c.__name__)
+def test_unused_results(model_cls):
+    """A layer whose output nobody reads is neither searched nor priced; an in-place op whose
+    result is unused still runs in the finalized model."""
+    x = example_input(4)
+    sm = fxsearch.convert(model_cls(), (x,), cost="params", **HIGH)
+    assert sorted(sm.analysis.layers) == ["a", "fc"]
+    final = _check_exact(sm, x, 0.5)
+    assert count_cost(final, (x,), "params") == sm.discrete_cost()
 
 
 def _expected_weight_numel(sm: fxsearch.SearchModel, layer: str) -> int:
