@@ -7,6 +7,7 @@ one loop per forward and one per backward, with no stack in memory. Forward valu
 eager ones; gradients agree to float rounding (sums run in another order). Opt-in
 (``SearchModel.fuse_quantizers()``): the first step compiles, tens of seconds per layer shape
 family, cached on disk by torch. Where compiling fails, the eager quantizers take over.
+CPU only (fxsearch.quantizers._fused): GPU code may divide with a non-IEEE instruction.
 """
 from __future__ import annotations
 

@@ -81,7 +81,8 @@ class SearchModel(torch.fx.GraphModule):
     def fuse_quantizers(self, enabled: bool = True) -> "SearchModel":
         """Run the quantizers of training steps as compiled loops (torch.compile; see
         fxsearch.fused_quantizers): same values, a few times faster, after a first step that
-        compiles (tens of seconds, cached on disk). Eval and no-grad passes stay eager."""
+        compiles (tens of seconds, cached on disk). CPU only; eval, no-grad passes and other
+        devices stay eager."""
         for m in self.modules():
             if isinstance(m, (ActSearch, WeightSearchMixin)):
                 m.fused = enabled

@@ -68,16 +68,17 @@ class MixedWeightQuant(torch.autograd.Function):
         return grad_w, grad_theta, None
 
 
-def _fused(fused: bool) -> bool:
-    """Whether to take the compiled quantizers (fxsearch.fused_quantizers): asked for, and a
-    gradient wanted (without one the eager path skips idle precisions)."""
-    return fused and torch.is_grad_enabled()
+def _fused(fused: bool, t: torch.Tensor) -> bool:
+    """Whether to take the compiled quantizers (fxsearch.fused_quantizers): asked for, a
+    gradient wanted (without one the eager path skips idle precisions), on the CPU (where the
+    compiled division is IEEE's; GPU code generation was not checked for it)."""
+    return fused and torch.is_grad_enabled() and t.device.type == "cpu"
 
 
 def fake_quant_weight(w: torch.Tensor, bits: torch.Tensor, theta: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """Mixed quantized weight: sum over precisions `bits` (all > 0) of theta[p, c] * Q_p(W_c).
     fused: compiled loops (fxsearch.fused_quantizers), same values."""
-    if _fused(fused):
+    if _fused(fused, w):
         from .fused_quantizers import FusedWeightQuant
         return FusedWeightQuant.apply(w, theta, bits)
     return MixedWeightQuant.apply(w, theta, bits)
@@ -193,7 +194,7 @@ def fake_quant_act(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: to
         x = x.float()
     mask = None if mask is None else mask.to(x.dtype)
     fn = MixedActQuant
-    if _fused(fused):
+    if _fused(fused, x):
         from .fused_quantizers import FusedActQuant as fn
     return fn.apply(x, lo.to(x.dtype), hi.to(x.dtype), theta.to(x.dtype), bits.to(x.dtype), mask)
 
