@@ -190,9 +190,10 @@ class _LabelInterpreter(torch.fx.Interpreter):
         value = super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         labels = self.label(n, value, args, kwargs)
-        if isinstance(labels, torch.Tensor) and not varying_dims(labels):
-            # one unit holds the whole tensor: pruning it would leave the tensor empty
-            self.freeze(labels, f"holds every channel of node {n.name}")
+        for lab in tree_flatten(labels)[0]:  # each piece of a split too, even one nobody reads
+            if isinstance(lab, torch.Tensor) and not varying_dims(lab):
+                # one unit holds the whole tensor: pruning it would leave the tensor empty
+                self.freeze(lab, f"holds every channel of node {n.name}")
         if n.op != "output":
             n.meta[meta.LABELS] = labels
             self.labels[n] = labels
@@ -328,7 +329,24 @@ class _LabelInterpreter(torch.fx.Interpreter):
                 out = n.target(data, *rest, **kwargs)
         except Exception:  # the op does not accept integer tensors: treat it as unknown
             return self.rule_unknown(n, module, value, args, kwargs, in_lab, where)
-        return tree_map(lambda t: self.settle(t, where) if isinstance(t, torch.Tensor) else None, out)
+        out = tree_map(lambda t: self.settle(t, where) if isinstance(t, torch.Tensor) else None, out)
+        if isinstance(out, torch.Tensor) and in_lab is not None and self.splits_outer(in_lab, out, args[0], value):
+            self.freeze(out, f"channels pruned by whole outer blocks of the channel dim split by {where}")
+        return out
+
+    @staticmethod
+    def splits_outer(in_lab: torch.Tensor, out: torch.Tensor, src: Any, value: Any) -> bool:
+        """A reshape splitting the channel dim in (outer, inner, ...) with channels varying along
+        the outer part only (as after a channel shuffle): pruning would remove whole outer
+        blocks, and finalize cannot rewrite the sizes (often computed, e.g. ``c // groups``)."""
+        ins, outs = varying_dims(in_lab), varying_dims(out)
+        if len(ins) != 1 or len(outs) != 1 or not isinstance(src, torch.Tensor) or value.dim() <= src.dim():
+            return False
+        before = src.shape[:ins[0]].numel()  # elements before the channel dim, then the channel span
+        end = before * src.shape[ins[0]]
+        upto = value.shape[:outs[0]].numel()  # output elements before and through the varying dim
+        through = upto * value.shape[outs[0]]
+        return upto >= before and through < end and end % through == 0
 
     def rule_elementwise(self, n, module, value, args, kwargs, in_lab, where):
         operands = [a for a in (*n.args, *n.kwargs.values())

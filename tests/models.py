@@ -304,6 +304,37 @@ class TwoGates(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
 
 
+class UnusedSplitPiece(nn.Module):
+    """a (3 ch) split [1, 2], only the second piece read: a's channel 0 alone fills the first
+    piece and stays (pruning it would leave that piece empty, and the split sizes stale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 3, padding=1)
+        self.fc = nn.Linear(2, 10)
+
+    def forward(self, x):
+        first, second = torch.split(F.relu(self.a(x)), [1, 2], 1)
+        return self.fc(second.mean((2, 3)))
+
+
+class DoubleShuffle(nn.Module):
+    """a (4 ch) -> shuffle(2) -> shuffle(2) -> b: after the first shuffle a unit fills adjacent
+    channels, so the second one's view would prune whole groups, which its computed size
+    (c // 2) cannot follow: a's channels are frozen."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = channel_shuffle(channel_shuffle(F.relu(self.a(x)), 2), 2)
+        x = F.relu(self.b(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 class DeadBranch(nn.Module):
     """A conv whose output nothing reads: not searched, not priced, gone after finalize."""
 
@@ -354,4 +385,4 @@ class NoSearchable(nn.Module):
 
 
 MICRO_MODELS = [PlainChain, Residual, SubMulDiv, SEGate, Depthwise, Concat, SplitSlice, FlattenLinear,
-                ConvNeXtLike, ChannelShuffle, GroupedConv, UnknownOp, TwoOutputs]
+                ConvNeXtLike, ChannelShuffle, GroupedConv, UnknownOp, TwoOutputs, UnusedSplitPiece, DoubleShuffle]

@@ -38,6 +38,10 @@ GOLDEN = [
     (M.UnknownOp, [["a"], ["b"], ["fc"]],
      {"a": (8, ["matmul (node matmul) is not modelled"]), "fc": (10, [OUTPUT])}),
     (M.TwoOutputs, [["a"], ["b"], ["fc"]], {"b": (6, [OUTPUT]), "fc": (10, [OUTPUT])}),
+    (M.UnusedSplitPiece, [["a"], ["fc"]], {"a": (1, ["holds every channel of node split"]), "fc": (10, [OUTPUT])}),
+    (M.DoubleShuffle, [["a"], ["b"], ["fc"]],
+     {"a": (4, ["channels pruned by whole outer blocks of the channel dim split by .view() (node view_2)"]),
+      "fc": (10, [OUTPUT])}),
 ]
 
 
