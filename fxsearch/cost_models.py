@@ -378,14 +378,14 @@ def resolve_costs(spec: Any) -> dict[str, CostModel]:
 # ---- pricing a search model ---------------------------------------------------------------
 def _choice_theta(choice: nn.Module, discrete: bool, dtype: torch.dtype | None) -> torch.Tensor:
     """Theta of a GroupChoice/ActSearch as the cost sees it (see the module docstring)."""
-    logits = choice.logits()
     if discrete or not choice.training:
-        theta = F.one_hot(logits.detach().argmax(0), logits.shape[0]).movedim(-1, 0)
+        logits = choice.logits().detach()
+        theta = F.one_hot(logits.argmax(0), logits.shape[0]).movedim(-1, 0)
     elif choice.sampling == "gumbel":
-        theta = torch.softmax(logits / choice.temperature, dim=0)
+        theta = torch.softmax(choice.logits() / choice.temperature, dim=0)
     else:
-        theta = choice.theta()
-    return theta.to(dtype or logits.dtype)
+        theta = choice.theta()  # the forward pass's own (cached) theta
+    return theta.to(dtype or choice.alpha.dtype)
 
 
 def search_layers(model: torch.fx.GraphModule, discrete: bool = False) -> list[CostLayer]:

@@ -199,8 +199,9 @@ def fake_quant_act(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: to
     return fn.apply(x, lo.to(x.dtype), hi.to(x.dtype), theta.to(x.dtype), bits.to(x.dtype), mask)
 
 
-def sample_choice(logits: torch.Tensor, temperature: float, mode: str, training: bool) -> torch.Tensor:
-    """Choice probabilities theta over dim 0 (the precisions).
+def sample_choice(logits: torch.Tensor, temperature: float | torch.Tensor, mode: str, training: bool) -> torch.Tensor:
+    """Choice probabilities theta over dim 0 (the precisions). ``temperature``: a float or a
+    0-dim tensor of logits' dtype (the same quotients, without a host sync).
 
     Eval mode returns the one-hot argmax; training returns softmax(logits / T), its
     straight-through hard version, or a Gumbel-softmax sample.

@@ -8,6 +8,7 @@ SearchConv*/SearchLinear  the original layer, computing its weight from theta
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn as nn
@@ -31,10 +32,41 @@ class _Choice(nn.Module):
         return self.alpha
 
     def theta(self) -> torch.Tensor:
-        return sample_choice(self.logits(), float(self.temperature), self.sampling, self.training)
+        """Choice probabilities. In train mode with "softmax" or "hard" sampling (a
+        deterministic function of alpha) the result is reused until alpha, the temperature,
+        the mode or the grad mode change, or a backward pass consumes it: the forward pass and
+        SearchModel.cost share one softmax (and its autograd node) per choice and step."""
+        if not self.training or self.sampling == "gumbel":
+            return sample_choice(self.logits(), self.temperature, self.sampling, self.training)
+        alpha, temperature = self.alpha, self.temperature
+        key = (self.sampling, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+               torch.is_autocast_enabled(alpha.device.type), alpha._version, alpha.data_ptr(), alpha.requires_grad, temperature._version,
+               temperature.data_ptr(), self._logits_version())
+        cached = _THETA_CACHE.get(self)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        theta = sample_choice(self.logits(), temperature, self.sampling, True)
+        if theta.requires_grad:  # a backward through it frees its graph: recompute afterwards
+            ref = weakref.ref(self)
+            theta.register_hook(lambda grad: _forget_theta(ref))
+        _THETA_CACHE[self] = (key, theta)
+        return theta
+
+    def _logits_version(self) -> int:
+        return 0
 
     def argmax_bits(self) -> torch.Tensor:
         return torch.tensor(self.precisions)[self.logits().detach().argmax(0).cpu()]
+
+
+# module -> (key, theta): outside the module, so that copies and pickles never carry it
+_THETA_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _forget_theta(ref: weakref.ref) -> None:
+    module = ref()
+    if module is not None:
+        _THETA_CACHE.pop(module, None)
 
 
 class GroupChoice(_Choice):
@@ -50,6 +82,9 @@ class GroupChoice(_Choice):
 
     def logits(self) -> torch.Tensor:
         return self.alpha.masked_fill(~self.allowed, float("-inf"))
+
+    def _logits_version(self) -> tuple[int, int]:
+        return self.allowed._version, self.allowed.data_ptr()
 
     def forward(self) -> torch.Tensor:
         return self.theta()
