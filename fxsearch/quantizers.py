@@ -84,9 +84,11 @@ def fake_quant_weight(w: torch.Tensor, bits: torch.Tensor, theta: torch.Tensor, 
     return MixedWeightQuant.apply(w, theta, bits)
 
 
-def act_scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniform grid of 2^b levels over [lo, hi] with an integer zero point (0 is exact)."""
-    scale = (hi - lo).clamp_min(EPS) / (2 ** bits - 1)
+def act_scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor,
+                         levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform grid of 2^b levels over [lo, hi] with an integer zero point (0 is exact).
+    ``levels``: 2^b - 1 if the caller has it already."""
+    scale = (hi - lo).clamp_min(EPS) / (2 ** bits - 1 if levels is None else levels)
     zero_point = torch.round(-lo.detach() / scale.detach())
     return scale, zero_point
 
@@ -116,8 +118,8 @@ class MixedActQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lo, hi, theta, bits, mask=None):
-        scale, zp = act_scale_zero_point(lo, hi, bits)
         levels = 2 ** bits - 1
+        scale, zp = act_scale_zero_point(lo, hi, bits, levels)
         if not any(ctx.needs_input_grad) and bool((theta == 0).any()):  # inference: skip idle precisions
             keep = theta != 0
             scale, zp, levels, theta = scale[keep], zp[keep], levels[keep], theta[keep]
@@ -137,8 +139,8 @@ class MixedActQuant(torch.autograd.Function):
     def backward(ctx, grad):
         x, lo, hi, theta, bits, mask = ctx.saved_tensors
         need_x, need_lo, need_hi, need_theta, _, need_mask = ctx.needs_input_grad
-        scale, zp = act_scale_zero_point(lo, hi, bits)
         levels = 2 ** bits - 1
+        scale, zp = act_scale_zero_point(lo, hi, bits, levels)
         d, P = x.dim(), len(bits)
         # Rows of one stacked buffer, each summed against grad in one pass: the codes Q_p / s_p,
         # then y, [x > hi], [x < lo] restricted to unsaturated codes (one row each when no code
@@ -192,11 +194,12 @@ def fake_quant_act(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: to
     fused: compiled loops (fxsearch.fused_quantizers), same values."""
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    mask = None if mask is None else mask.to(x.dtype)
+    if mask is not None and mask.dtype != x.dtype:
+        mask = mask.to(x.dtype)
     fn = MixedActQuant
     if _fused(fused, x):
         from .fused_quantizers import FusedActQuant as fn
-    return fn.apply(x, lo.to(x.dtype), hi.to(x.dtype), theta.to(x.dtype), bits.to(x.dtype), mask)
+    return fn.apply(x, *(t if t.dtype == x.dtype else t.to(x.dtype) for t in (lo, hi, theta, bits)), mask)
 
 
 def sample_choice(logits: torch.Tensor, temperature: float | torch.Tensor, mode: str, training: bool) -> torch.Tensor:

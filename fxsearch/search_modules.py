@@ -154,11 +154,31 @@ class WeightSearchMixin:
         self.register_buffer("unit_index", unit_index)
 
     def channel_theta(self, theta: torch.Tensor) -> torch.Tensor:
-        return theta if self.unit_index is None else theta[:, self.unit_index]
+        ui = self.unit_index
+        if ui is None or (theta.shape[1] == len(ui) and self._units_in_order(ui)):
+            return theta  # unit c is channel c: no gather (and no scatter in backward)
+        return theta[:, ui]
+
+    def _units_in_order(self, ui: torch.Tensor) -> bool:
+        """Whether unit_index is 0, 1, ..., n-1 (checked once per value of the buffer)."""
+        key = (ui._version, ui.data_ptr(), ui.device)
+        cached = self.__dict__.get("_in_order")
+        if cached is None or cached[0] != key:
+            cached = (key, bool(torch.equal(ui.cpu(), torch.arange(len(ui)))))
+            self.__dict__["_in_order"] = cached
+        return cached[1]
+
+    def _nonzero_theta(self, t: torch.Tensor) -> torch.Tensor:
+        """t[nonzero_rows]; a slice (a view) where those rows are consecutive."""
+        rows = self.nonzero_rows
+        first = self.zero_row == 0 and len(rows) == len(t) - 1
+        return t[1:] if first else t if self.zero_row is None else t[rows]
 
     def effective_params(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        t = self.channel_theta(theta).to(self.weight.dtype)
-        weight = fake_quant_weight(self.weight, self.bits, t[self.nonzero_rows], getattr(self, "fused", False))
+        t = self.channel_theta(theta)
+        if t.dtype != self.weight.dtype:
+            t = t.to(self.weight.dtype)
+        weight = fake_quant_weight(self.weight, self.bits, self._nonzero_theta(t), getattr(self, "fused", False))
         bias = self.bias
         if bias is not None and self.zero_row is not None:
             bias = bias * (1 - t[self.zero_row])
