@@ -84,11 +84,16 @@ def fake_quant_weight(w: torch.Tensor, bits: torch.Tensor, theta: torch.Tensor, 
     return MixedWeightQuant.apply(w, theta, bits)
 
 
+def act_scale(lo: torch.Tensor, hi: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Step of the uniform grid of levels + 1 codes over [lo, hi]."""
+    return (hi - lo).clamp_min(EPS) / levels
+
+
 def act_scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor,
                          levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniform grid of 2^b levels over [lo, hi] with an integer zero point (0 is exact).
     ``levels``: 2^b - 1 if the caller has it already."""
-    scale = (hi - lo).clamp_min(EPS) / (2 ** bits - 1 if levels is None else levels)
+    scale = act_scale(lo, hi, 2 ** bits - 1 if levels is None else levels)
     zero_point = torch.round(-lo.detach() / scale.detach())
     return scale, zero_point
 
@@ -140,7 +145,10 @@ class MixedActQuant(torch.autograd.Function):
         x, lo, hi, theta, bits, mask = ctx.saved_tensors
         need_x, need_lo, need_hi, need_theta, _, need_mask = ctx.needs_input_grad
         levels = 2 ** bits - 1
-        scale, zp = act_scale_zero_point(lo, hi, bits, levels)
+        if ctx.saturates:
+            scale, zp = act_scale_zero_point(lo, hi, bits, levels)
+        else:  # the zero points only bound saturating codes
+            scale = act_scale(lo, hi, levels)
         d, P = x.dim(), len(bits)
         # Rows of one stacked buffer, each summed against grad in one pass: the codes Q_p / s_p,
         # then y, [x > hi], [x < lo] restricted to unsaturated codes (one row each when no code
