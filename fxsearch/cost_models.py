@@ -388,6 +388,14 @@ def _choice_theta(choice: nn.Module, discrete: bool, dtype: torch.dtype | None) 
     return theta.to(dtype or choice.alpha.dtype)
 
 
+def _in_order(spec: Any) -> bool:
+    """Whether a layer's unit_index is 0, 1, ..., n-1 (its theta is the group's, no gather)."""
+    flag = spec.__dict__.get("_in_order")
+    if flag is None:
+        flag = spec.__dict__["_in_order"] = bool(torch.equal(spec.unit_index.cpu(), torch.arange(len(spec.unit_index))))
+    return flag
+
+
 def search_layers(model: torch.fx.GraphModule, discrete: bool = False) -> list[CostLayer]:
     """The CostLayers of a search model under its current thetas (float64 when discrete)."""
     specs = model.meta.get(meta.COST_LAYERS)
@@ -401,6 +409,14 @@ def search_layers(model: torch.fx.GraphModule, discrete: bool = False) -> list[C
             thetas[name] = _choice_theta(model.get_submodule(name), discrete, dtype)
         return thetas[name]
 
+    alive: dict[str, torch.Tensor] = {}
+
+    def alive_of(name: str) -> torch.Tensor:
+        """1 - theta[0 bits] of a group, once per group."""
+        if name not in alive:
+            alive[name] = 1 - theta(name)[model.get_submodule(name).precisions.index(0)]
+        return alive[name]
+
     layers = []
     for spec in specs:
         choice = model.get_submodule(spec.choice)
@@ -408,14 +424,15 @@ def search_layers(model: torch.fx.GraphModule, discrete: bool = False) -> list[C
         unit_index, in_fixed, in_terms = spec.indices(w_theta.device)
         c_in = w_theta.new_full((), float(in_fixed))
         for name, units in in_terms:
-            t = theta(name)
-            c_in = c_in + (1 - t[model.get_submodule(name).precisions.index(0), units]).sum()
+            c_in = c_in + alive_of(name)[units].sum()
+        if not (w_theta.shape[1] == len(unit_index) and _in_order(spec)):
+            w_theta = w_theta[:, unit_index]
         act = model.get_submodule(spec.act) if spec.act is not None else None
         layers.append(CostLayer(
             name=spec.name, kind=spec.kind, kernel=spec.kernel, groups=spec.groups,
             depthwise=spec.depthwise, in_channels=spec.in_channels, out_channels=spec.out_channels,
             out_spatial=spec.out_spatial, w_precisions=tuple(choice.precisions),
-            w_theta=w_theta[:, unit_index], c_in_eff=c_in,
+            w_theta=w_theta, c_in_eff=c_in,
             a_precisions=tuple(act.precisions) if act is not None else None,
             a_theta=theta(spec.act) if act is not None else None,
             count_weights=spec.count_weights,
