@@ -1,13 +1,13 @@
 """Property-based tests on random DAG models built from blocks (hypothesis).
 
 A model is a *program*: a list of blocks, each reading earlier tensors (t0 is the input) and
-writing new ones, then a head that feeds the tensors no block reads, flattened or pooled, to
-a Linear (or leaves some unused: dead code). Blocks: conv + BatchNorm + activation (plain,
-strided, grouped), depthwise conv, element-wise residual (add / sub / mul, with a 1x1
-projection when shapes differ), concat, split / chunk / slice, squeeze-excitation gate
-(torchvision's and MobileNetV3's), max / average pooling and upsampling, channel shuffle,
-layer scale, channels-last Linear. ``repr(program)`` is the program as text, so a failing
-example reads like code.
+writing new ones, then a head that feeds the tensors no block reads, flattened (torch.flatten,
+or reshape with literal sizes) or pooled, to a Linear, or leaves some unused (dead code).
+Blocks: conv + BatchNorm + activation (plain, strided, grouped), depthwise conv, element-wise
+residual (add / sub / mul, with a 1x1 projection when shapes differ), concat, split / chunk /
+slice, squeeze-excitation gate (torchvision's and MobileNetV3's), max / average pooling and
+upsampling, channel shuffle, layer scale, channels-last Linear. ``repr(program)`` is the
+program as text, so a failing example reads like code.
 
 For every example: convert; random argmax choices with some channels at 0 bits; finalize
 exact against the search model (16-bit trick of test_finalize.py) with the expected weight
@@ -227,7 +227,7 @@ class Shuffle:
 @dataclasses.dataclass(frozen=True)
 class Program:
     blocks: tuple
-    head: tuple[str, ...]    # per unread tensor: "flatten", "pool" or "unused" (dead code)
+    head: tuple[str, ...]    # per unread tensor: "flatten", "reshape" (literal sizes), "pool" or "unused"
     hidden: int              # hidden Linear width, 0 for none
     classes: int = 5
 
@@ -241,7 +241,7 @@ class Program:
         return [s for b in self.blocks for s in _srcs(b)]
 
     def features(self):
-        """(tensor, "flatten" or "pool") for each tensor the head reads."""
+        """(tensor, "flatten", "reshape" or "pool") for each tensor the head reads."""
         return [(i, how) for i, how in zip(self.leaves(), self.head) if how != "unused"]
 
     def leaves(self):
@@ -353,7 +353,8 @@ class Net(nn.Module):
             blocks.append(b.build(shapes))
             shapes += b.shapes(shapes)
         self.blocks = nn.ModuleList(blocks)
-        feats = sum(shapes[i][0] * (shapes[i][1] ** 2 if how == "flatten" else 1)
+        self.numel = [c * h * h for c, h in shapes]  # literal sizes for "reshape"
+        feats = sum(shapes[i][0] * (shapes[i][1] ** 2 if how != "pool" else 1)
                     for i, how in program.features())
         width = program.hidden or program.classes
         self.fc = nn.Linear(feats, width)
@@ -375,7 +376,8 @@ class Net(nn.Module):
         ts = [x]
         for spec, block in zip(self.program.blocks, self.blocks):
             ts.extend(block(*[ts[s] for s in _srcs(spec)]))
-        feats = [torch.flatten(ts[i] if how == "flatten" else F.adaptive_avg_pool2d(ts[i], 1), 1)
+        feats = [ts[i].reshape(BATCH, self.numel[i]) if how == "reshape" else
+                 torch.flatten(ts[i] if how == "flatten" else F.adaptive_avg_pool2d(ts[i], 1), 1)
                  for i, how in self.program.features()]
         y = self.fc(torch.cat(feats, 1) if len(feats) > 1 else feats[0])
         return self.out(F.relu(y)) if self.out is not None else y
@@ -430,7 +432,7 @@ def programs(draw, max_blocks: int = 8) -> Program:
         blocks.append(b)
         shapes += b.shapes(shapes)
     program = Program(tuple(blocks), (), 0)
-    head = [draw(st.sampled_from(["flatten", "pool", "flatten", "pool", "unused"])) for _ in program.leaves()]
+    head = [draw(st.sampled_from(["flatten", "pool", "reshape", "pool", "unused"])) for _ in program.leaves()]
     if all(how == "unused" for how in head):
         head[-1] = "pool"
     return Program(tuple(blocks), tuple(head), draw(st.sampled_from([0, 0, 6])))
