@@ -378,22 +378,14 @@ def resolve_costs(spec: Any) -> dict[str, CostModel]:
 # ---- pricing a search model ---------------------------------------------------------------
 def _choice_theta(choice: nn.Module, discrete: bool, dtype: torch.dtype | None) -> torch.Tensor:
     """Theta of a GroupChoice/ActSearch as the cost sees it (see the module docstring)."""
+    logits = choice.logits()
     if discrete or not choice.training:
-        logits = choice.logits().detach()
-        theta = F.one_hot(logits.argmax(0), logits.shape[0]).movedim(-1, 0)
+        theta = F.one_hot(logits.detach().argmax(0), logits.shape[0]).movedim(-1, 0)
     elif choice.sampling == "gumbel":
-        theta = torch.softmax(choice.logits() / choice.temperature, dim=0)
+        theta = torch.softmax(logits / choice.temperature, dim=0)
     else:
-        theta = choice.theta()  # the forward pass's own (cached) theta
-    return theta.to(dtype or choice.alpha.dtype)
-
-
-def _in_order(spec: Any) -> bool:
-    """Whether a layer's unit_index is 0, 1, ..., n-1 (its theta is the group's, no gather)."""
-    flag = spec.__dict__.get("_in_order")
-    if flag is None:
-        flag = spec.__dict__["_in_order"] = bool(torch.equal(spec.unit_index.cpu(), torch.arange(len(spec.unit_index))))
-    return flag
+        theta = choice.theta()
+    return theta.to(dtype or logits.dtype)
 
 
 def search_layers(model: torch.fx.GraphModule, discrete: bool = False) -> list[CostLayer]:
@@ -409,14 +401,6 @@ def search_layers(model: torch.fx.GraphModule, discrete: bool = False) -> list[C
             thetas[name] = _choice_theta(model.get_submodule(name), discrete, dtype)
         return thetas[name]
 
-    alive: dict[str, torch.Tensor] = {}
-
-    def alive_of(name: str) -> torch.Tensor:
-        """1 - theta[0 bits] of a group, once per group."""
-        if name not in alive:
-            alive[name] = 1 - theta(name)[model.get_submodule(name).precisions.index(0)]
-        return alive[name]
-
     layers = []
     for spec in specs:
         choice = model.get_submodule(spec.choice)
@@ -424,15 +408,14 @@ def search_layers(model: torch.fx.GraphModule, discrete: bool = False) -> list[C
         unit_index, in_fixed, in_terms = spec.indices(w_theta.device)
         c_in = w_theta.new_full((), float(in_fixed))
         for name, units in in_terms:
-            c_in = c_in + alive_of(name)[units].sum()
-        if not (w_theta.shape[1] == len(unit_index) and _in_order(spec)):
-            w_theta = w_theta[:, unit_index]
+            t = theta(name)
+            c_in = c_in + (1 - t[model.get_submodule(name).precisions.index(0), units]).sum()
         act = model.get_submodule(spec.act) if spec.act is not None else None
         layers.append(CostLayer(
             name=spec.name, kind=spec.kind, kernel=spec.kernel, groups=spec.groups,
             depthwise=spec.depthwise, in_channels=spec.in_channels, out_channels=spec.out_channels,
             out_spatial=spec.out_spatial, w_precisions=tuple(choice.precisions),
-            w_theta=w_theta, c_in_eff=c_in,
+            w_theta=w_theta[:, unit_index], c_in_eff=c_in,
             a_precisions=tuple(act.precisions) if act is not None else None,
             a_theta=theta(spec.act) if act is not None else None,
             count_weights=spec.count_weights,

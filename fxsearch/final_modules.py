@@ -91,7 +91,7 @@ class QuantWeightMixin:
                    w_range: torch.Tensor | None = None):
         new = cls.__new__(cls)
         new.__dict__.update(module.__dict__)
-        for attr in ("precisions", "zero_row", "_in_order"):
+        for attr in ("precisions", "zero_row"):
             new.__dict__.pop(attr, None)
         for buf in ("bits", "nonzero_rows", "unit_index"):
             new._buffers.pop(buf, None)

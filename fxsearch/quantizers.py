@@ -84,16 +84,9 @@ def fake_quant_weight(w: torch.Tensor, bits: torch.Tensor, theta: torch.Tensor, 
     return MixedWeightQuant.apply(w, theta, bits)
 
 
-def act_scale(lo: torch.Tensor, hi: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Step of the uniform grid of levels + 1 codes over [lo, hi]."""
-    return (hi - lo).clamp_min(EPS) / levels
-
-
-def act_scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor,
-                         levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniform grid of 2^b levels over [lo, hi] with an integer zero point (0 is exact).
-    ``levels``: 2^b - 1 if the caller has it already."""
-    scale = act_scale(lo, hi, 2 ** bits - 1 if levels is None else levels)
+def act_scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform grid of 2^b levels over [lo, hi] with an integer zero point (0 is exact)."""
+    scale = (hi - lo).clamp_min(EPS) / (2 ** bits - 1)
     zero_point = torch.round(-lo.detach() / scale.detach())
     return scale, zero_point
 
@@ -123,8 +116,8 @@ class MixedActQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lo, hi, theta, bits, mask=None):
+        scale, zp = act_scale_zero_point(lo, hi, bits)
         levels = 2 ** bits - 1
-        scale, zp = act_scale_zero_point(lo, hi, bits, levels)
         if not any(ctx.needs_input_grad) and bool((theta == 0).any()):  # inference: skip idle precisions
             keep = theta != 0
             scale, zp, levels, theta = scale[keep], zp[keep], levels[keep], theta[keep]
@@ -144,11 +137,8 @@ class MixedActQuant(torch.autograd.Function):
     def backward(ctx, grad):
         x, lo, hi, theta, bits, mask = ctx.saved_tensors
         need_x, need_lo, need_hi, need_theta, _, need_mask = ctx.needs_input_grad
+        scale, zp = act_scale_zero_point(lo, hi, bits)
         levels = 2 ** bits - 1
-        if ctx.saturates:
-            scale, zp = act_scale_zero_point(lo, hi, bits, levels)
-        else:  # the zero points only bound saturating codes
-            scale = act_scale(lo, hi, levels)
         d, P = x.dim(), len(bits)
         # Rows of one stacked buffer, each summed against grad in one pass: the codes Q_p / s_p,
         # then y, [x > hi], [x < lo] restricted to unsaturated codes (one row each when no code
@@ -202,17 +192,15 @@ def fake_quant_act(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: to
     fused: compiled loops (fxsearch.fused_quantizers), same values."""
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    if mask is not None and mask.dtype != x.dtype:
-        mask = mask.to(x.dtype)
+    mask = None if mask is None else mask.to(x.dtype)
     fn = MixedActQuant
     if _fused(fused, x):
         from .fused_quantizers import FusedActQuant as fn
-    return fn.apply(x, *(t if t.dtype == x.dtype else t.to(x.dtype) for t in (lo, hi, theta, bits)), mask)
+    return fn.apply(x, lo.to(x.dtype), hi.to(x.dtype), theta.to(x.dtype), bits.to(x.dtype), mask)
 
 
-def sample_choice(logits: torch.Tensor, temperature: float | torch.Tensor, mode: str, training: bool) -> torch.Tensor:
-    """Choice probabilities theta over dim 0 (the precisions). ``temperature``: a float or a
-    0-dim tensor of logits' dtype (the same quotients, without a host sync).
+def sample_choice(logits: torch.Tensor, temperature: float, mode: str, training: bool) -> torch.Tensor:
+    """Choice probabilities theta over dim 0 (the precisions).
 
     Eval mode returns the one-hot argmax; training returns softmax(logits / T), its
     straight-through hard version, or a Gumbel-softmax sample.

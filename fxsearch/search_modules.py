@@ -8,7 +8,6 @@ SearchConv*/SearchLinear  the original layer, computing its weight from theta
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn as nn
@@ -32,41 +31,10 @@ class _Choice(nn.Module):
         return self.alpha
 
     def theta(self) -> torch.Tensor:
-        """Choice probabilities. In train mode with "softmax" or "hard" sampling (a
-        deterministic function of alpha) the result is reused until alpha, the temperature,
-        the mode or the grad mode change, or a backward pass consumes it: the forward pass and
-        SearchModel.cost share one softmax (and its autograd node) per choice and step."""
-        if not self.training or self.sampling == "gumbel":
-            return sample_choice(self.logits(), self.temperature, self.sampling, self.training)
-        alpha, temperature = self.alpha, self.temperature
-        key = (self.sampling, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
-               torch.is_autocast_enabled(alpha.device.type), alpha._version, alpha.data_ptr(), alpha.requires_grad, temperature._version,
-               temperature.data_ptr(), self._logits_version())
-        cached = _THETA_CACHE.get(self)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        theta = sample_choice(self.logits(), temperature, self.sampling, True)
-        if theta.requires_grad:  # a backward through it frees its graph: recompute afterwards
-            ref = weakref.ref(self)
-            theta.register_hook(lambda grad: _forget_theta(ref))
-        _THETA_CACHE[self] = (key, theta)
-        return theta
-
-    def _logits_version(self) -> int:
-        return 0
+        return sample_choice(self.logits(), float(self.temperature), self.sampling, self.training)
 
     def argmax_bits(self) -> torch.Tensor:
         return torch.tensor(self.precisions)[self.logits().detach().argmax(0).cpu()]
-
-
-# module -> (key, theta): outside the module, so that copies and pickles never carry it
-_THETA_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _forget_theta(ref: weakref.ref) -> None:
-    module = ref()
-    if module is not None:
-        _THETA_CACHE.pop(module, None)
 
 
 class GroupChoice(_Choice):
@@ -82,9 +50,6 @@ class GroupChoice(_Choice):
 
     def logits(self) -> torch.Tensor:
         return self.alpha.masked_fill(~self.allowed, float("-inf"))
-
-    def _logits_version(self) -> tuple[int, int]:
-        return self.allowed._version, self.allowed.data_ptr()
 
     def forward(self) -> torch.Tensor:
         return self.theta()
@@ -154,31 +119,11 @@ class WeightSearchMixin:
         self.register_buffer("unit_index", unit_index)
 
     def channel_theta(self, theta: torch.Tensor) -> torch.Tensor:
-        ui = self.unit_index
-        if ui is None or (theta.shape[1] == len(ui) and self._units_in_order(ui)):
-            return theta  # unit c is channel c: no gather (and no scatter in backward)
-        return theta[:, ui]
-
-    def _units_in_order(self, ui: torch.Tensor) -> bool:
-        """Whether unit_index is 0, 1, ..., n-1 (checked once per value of the buffer)."""
-        key = (ui._version, ui.data_ptr(), ui.device)
-        cached = self.__dict__.get("_in_order")
-        if cached is None or cached[0] != key:
-            cached = (key, bool(torch.equal(ui.cpu(), torch.arange(len(ui)))))
-            self.__dict__["_in_order"] = cached
-        return cached[1]
-
-    def _nonzero_theta(self, t: torch.Tensor) -> torch.Tensor:
-        """t[nonzero_rows]; a slice (a view) where those rows are consecutive."""
-        rows = self.nonzero_rows
-        first = self.zero_row == 0 and len(rows) == len(t) - 1
-        return t[1:] if first else t if self.zero_row is None else t[rows]
+        return theta if self.unit_index is None else theta[:, self.unit_index]
 
     def effective_params(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        t = self.channel_theta(theta)
-        if t.dtype != self.weight.dtype:
-            t = t.to(self.weight.dtype)
-        weight = fake_quant_weight(self.weight, self.bits, self._nonzero_theta(t), getattr(self, "fused", False))
+        t = self.channel_theta(theta).to(self.weight.dtype)
+        weight = fake_quant_weight(self.weight, self.bits, t[self.nonzero_rows], getattr(self, "fused", False))
         bias = self.bias
         if bias is not None and self.zero_row is not None:
             bias = bias * (1 - t[self.zero_row])
