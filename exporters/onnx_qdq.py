@@ -39,7 +39,7 @@ from fxsearch import meta
 from fxsearch.checks import check_finite
 from fxsearch.errors import ExportError
 from fxsearch.final_modules import FakeQuantAct, QuantWeightMixin
-from fxsearch.passes.sort_channels import SORT_RESULT, sort_channels
+from fxsearch.passes.sort_channels import sort_channels
 
 from fxsearch.files import write_atomically
 
@@ -423,7 +423,7 @@ def export_packed(final: torch.fx.GraphModule, example_inputs: Sequence[Any], op
         raise ExportError("the packed format reads the channel analysis that fxsearch.finalize leaves in "
                           "the model's meta; pass the GraphModule returned by fxsearch.finalize")
     sorted_gm = sort_channels(final, example_inputs)
-    result = sorted_gm.meta[SORT_RESULT]
+    result = sorted_gm.meta[meta.SORT_RESULT]
     layers = quant_layers(sorted_gm)
     plans = {name: _runs(layer, result.notes[name]) for name, (layer, _) in layers.items()}
     if opset is None:

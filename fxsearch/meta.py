@@ -12,3 +12,4 @@ ANALYSIS = "fxsearch.channel_analysis"  # ChannelAnalysis written by the channel
 COST_LAYERS = "fxsearch.cost_layers"    # list[LayerSpec] written by the cost pass (passes/cost.py)
 COST_MODELS = "fxsearch.cost_models"    # dict name -> CostModel priced by SearchModel.cost (first = main)
 CHECKPOINT = "fxsearch.checkpoint"      # what fxsearch.load read: model_ref, model_kwargs, inputs, extra
+SORT_RESULT = "fxsearch.channel_sort"    # SortResult written by passes/sort_channels.py (packed export)

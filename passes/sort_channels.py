@@ -37,8 +37,6 @@ from .channel_groups import ChannelAnalysis, varying_dims
 from .finalize import _PER_CHANNEL, _set_attr, select_constants, select_per_channel
 from .op_kinds import node_kind
 
-SORT_RESULT = "fxsearch.channel_sort"  # gm.meta key of the SortResult
-
 
 @dataclasses.dataclass
 class SortResult:
@@ -202,7 +200,7 @@ class SortChannelsPass(PassBase):
     """Reorder the channels of a finalized model in place so that equal bit-widths are contiguous.
 
     Needs the channel analysis and node labels that finalize leaves in the graph; writes a
-    SortResult to ``gm.meta[SORT_RESULT]``.
+    SortResult to ``gm.meta[meta.SORT_RESULT]``.
     """
 
     def __init__(self, example_inputs: Sequence[Any]):
@@ -246,7 +244,7 @@ class SortChannelsPass(PassBase):
             if not preserves(phi):
                 kept, phi = set(moved), identity
         order = _apply(gm, units, phi)
-        gm.meta[SORT_RESULT] = SortResult(order, self._notes(gm, units, fixed, signature, kept))
+        gm.meta[meta.SORT_RESULT] = SortResult(order, self._notes(gm, units, fixed, signature, kept))
         return PassResult(gm, True)
 
     @staticmethod

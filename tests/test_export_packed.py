@@ -19,7 +19,7 @@ import fxsearch
 from fxsearch import meta
 from fxsearch.exporters import export_onnx, verify_onnx
 from fxsearch.final_modules import QuantWeightMixin
-from fxsearch.passes.sort_channels import SORT_RESULT, sort_channels
+from fxsearch.passes.sort_channels import sort_channels
 from fxsearch.zoo import resnet8
 
 import models as M
@@ -264,7 +264,7 @@ def test_sort_keeps_outputs_and_moves_every_per_channel_tensor():
             final = fxsearch.finalize(sm)
         before = copy.deepcopy(final.state_dict())
         s = sort_channels(final, (x,))
-        order = s.meta[SORT_RESULT].order["a"]
+        order = s.meta[meta.SORT_RESULT].order["a"]
         if not torch.equal(order, torch.arange(order.numel())):
             break
     else:
