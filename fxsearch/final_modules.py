@@ -59,18 +59,25 @@ class QuantWeightMixin:
         return None if self.input_quant is None else self.input_quant.bits
 
     def quant_bias(self) -> torch.Tensor | None:
-        """Bias on the int32 grid of scale s_x * s_w[c] when the input is quantized."""
+        """Bias on the int32 grid of scale s_x * s_w[c] when the input is quantized (saturated
+        as in the exported integer model; weight_scale keeps it inside the range)."""
         if self.bias is None or self.input_quant is None:
             return self.bias
         step = self.input_quant.scale() * self.weight_scale()
-        return round_ste(self.bias / step) * step
+        return torch.clamp(round_ste(self.bias / step), -2.0 ** 31, 2.0 ** 31 - 1) * step
 
     def weight_scale(self) -> torch.Tensor:
-        """Per-channel scale, shape (C_out,)."""
+        """Per-channel scale, shape (C_out,). A channel whose bias would not fit the int32 grid
+        s_x * s_w (input and weight ranges tiny next to the bias) gets a coarser weight grid
+        instead, so that the bias stays what it is (with room to spare: |bias| <= 2^30 steps)."""
         absmax = weight_absmax(self.weight)
         if getattr(self, "w_range", None) is not None:
             absmax = torch.maximum(absmax, self.w_range.to(absmax.dtype))
-        return absmax / (2 ** (self.w_bits - 1) - 1).to(self.weight.dtype)
+        qmax = (2 ** (self.w_bits - 1) - 1).to(self.weight.dtype)
+        if self.bias is not None and self.input_quant is not None:
+            bias_floor = self.bias.detach().abs() * qmax / (self.input_quant.scale().detach() * 2.0 ** 30)
+            absmax = torch.maximum(absmax, bias_floor.to(absmax.dtype))
+        return absmax / qmax
 
     def weight_int(self, scale: torch.Tensor | None = None) -> torch.Tensor:
         """The integer weights (as float tensor) inside each channel's signed range (`scale`:

@@ -133,6 +133,35 @@ def test_bias_integers_round_as_the_model_does():
     assert (got == want).all()
 
 
+def test_bias_too_large_for_the_int32_grid_coarsens_the_weight_grid(tmp_path):
+    """A layer whose input range is tiny (here ~1e-6) and whose weights are small next to its
+    bias: round(b / (s_x s_w)) would pass 2^31. The weight grid of that channel gets coarser
+    instead, so the bias is kept (no saturation), and PyTorch and onnxruntime agree."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 6, 1),
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(6, 10)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-5)
+        model[0].bias.mul_(1e-5)
+        model[2].weight.mul_(1e-3)
+        model[2].bias.fill_(0.8)
+    x = M.example_input()
+    sm = fxsearch.convert(model, (x,), w_precisions=(8,), a_precisions=(8,))
+    final = fxsearch.finalize(sm.eval())
+    conv2 = final.get_submodule("2")
+    step = conv2.input_quant.scale() * conv2.weight_scale()
+    assert (conv2.bias.abs() / step).max() <= 1.001 * 2 ** 30  # far inside int32
+    assert torch.allclose(conv2.quant_bias(), conv2.bias, rtol=1e-6, atol=0)  # not saturated
+    with torch.no_grad():
+        want = sm(x)
+        got = final(x)
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    export_onnx(final, tmp_path / "m.onnx", (x,))
+    report = verify_onnx(final, tmp_path / "m.onnx", (x,))
+    assert report.weights_exact and report.over_one_lsb == 0.0 and report.ok, report.summary()
+
+
 def test_unexportable_op_raises_export_error_naming_it(tmp_path):
     final, x = _final(M.FlattenLinear)  # adaptive max pool to a size that does not divide the input
     with pytest.raises(fxsearch.ExportError, match="adaptive_max_pool2d"):
