@@ -59,24 +59,26 @@ class QuantWeightMixin:
         return None if self.input_quant is None else self.input_quant.bits
 
     def quant_bias(self) -> torch.Tensor | None:
-        """Bias on the int32 grid of scale s_x * s_w[c] when the input is quantized (saturated
-        as in the exported integer model; weight_scale keeps it inside the range)."""
+        """Bias on the int32 grid of scale s_x * s_w[c] when the input is quantized (weight_scale
+        keeps it inside the int32 range for the exported formats)."""
         if self.bias is None or self.input_quant is None:
             return self.bias
         step = self.input_quant.scale() * self.weight_scale()
-        return torch.clamp(round_ste(self.bias / step), -2.0 ** 31, 2.0 ** 31 - 1) * step
+        return round_ste(self.bias / step) * step
 
     def weight_scale(self) -> torch.Tensor:
         """Per-channel scale, shape (C_out,). A channel whose bias would not fit the int32 grid
         s_x * s_w (input and weight ranges tiny next to the bias) gets a coarser weight grid
-        instead, so that the bias stays what it is (with room to spare: |bias| <= 2^30 steps)."""
+        instead, so that the bias stays what it is (with room to spare: |bias| <= 2^30 steps),
+        for weights and inputs of at most 8 bits."""
         absmax = weight_absmax(self.weight)
         if getattr(self, "w_range", None) is not None:
             absmax = torch.maximum(absmax, self.w_range.to(absmax.dtype))
         qmax = (2 ** (self.w_bits - 1) - 1).to(self.weight.dtype)
-        if self.bias is not None and self.input_quant is not None:
+        if self.bias is not None and self.input_quant is not None and self.input_quant.bits <= 8:
+            # the integer formats the exporters write (wider grids are a simulation only)
             bias_floor = self.bias.detach().abs() * qmax / (self.input_quant.scale().detach() * 2.0 ** 30)
-            absmax = torch.maximum(absmax, bias_floor.to(absmax.dtype))
+            absmax = torch.maximum(absmax, bias_floor.to(absmax.dtype) * (self.w_bits <= 8))
         return absmax / qmax
 
     def weight_int(self, scale: torch.Tensor | None = None) -> torch.Tensor:
