@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 
 import torch
 import torch.nn as nn
@@ -34,7 +33,7 @@ import fxsearch
 from fxsearch.cost_models import count_cost
 from fxsearch.exporters import export_onnx, verify_onnx
 
-from test_finalize import HIGH, _expected_weight_numel, force_choices
+from test_finalize import HIGH, _expected_weight_numel, finalize_without_revival
 
 settings.register_profile("generated-graphs", max_examples=int(os.environ.get("FXSEARCH_GENERATED_EXAMPLES", 300)),
                           deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -440,17 +439,8 @@ def programs(draw, max_blocks: int = 8) -> Program:
 
 # ---- checks -----------------------------------------------------------------------------
 def _finalize_quietly(sm: fxsearch.SearchModel, fraction: float, seed: int):
-    """Random choices, about ``fraction`` of the prunable units at 0 bits, that empty no
-    tensor (finalize would revive a channel there and differ from the search model)."""
-    for attempt in range(6):
-        force_choices(sm, fraction / 2 ** attempt if attempt < 5 else 0.0, seed + attempt)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", UserWarning)
-            try:
-                return fxsearch.finalize(sm)
-            except UserWarning:
-                continue
-    raise AssertionError("no channel pruned and still a tensor emptied")
+    """About ``fraction`` of the prunable units at 0 bits, halved on each retry, none at last."""
+    return finalize_without_revival(sm, [(fraction / 2 ** a if a < 5 else 0.0, seed + a) for a in range(6)])
 
 
 def _event(text: str) -> None:
