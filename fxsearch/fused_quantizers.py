@@ -17,7 +17,7 @@ import warnings
 import torch
 import torch.fx.experimental._config as fx_config
 
-from .quantizers import EPS
+from .quantizers import EPS, _saturates
 
 _FAILED: list[str] = []  # the first compile error, once compiling has failed
 
@@ -76,6 +76,22 @@ def _act_backward(x, grad, shape, lo, hi, scale, zp, levels, theta, mask):
         live = live * mask.reshape(1, shape[1], 1)
     grad_x = torch.where((x >= lo) & (x <= hi), grad * live, 0)
     return grad_x, *[torch.stack(v) for v in sums]
+
+
+def _act_backward_inside(x, grad, shape, lo, hi, scale, live, need_hi: bool, need_lo: bool):
+    """_act_backward where no code can saturate (every code is inside its grid, as for clip
+    ranges whose bounds are grid points): per channel, the sums against grad of the P codes,
+    then of y, [x > hi] (if need_hi), [x < lo] (if need_lo), a third of the general kernel's
+    work. live: the per-channel gradient factor sum_p theta[p] * mask, (C,)."""
+    x, grad = x.reshape(shape), grad.reshape(shape)
+    y = torch.clamp(x, lo, hi)
+    terms = [torch.round(y / scale[p]) * grad for p in range(len(scale))] + [y * grad]
+    if need_hi:
+        terms.append((x > hi).to(x.dtype) * grad)
+    if need_lo:
+        terms.append((x < lo).to(x.dtype) * grad)
+    grad_x = torch.where((x >= lo) & (x <= hi), grad * live.reshape(1, shape[1], 1), 0)
+    return grad_x, torch.stack([t.sum((0, 2)) for t in terms])
 
 
 def _weight_forward(w, k, scale, theta):  # w viewed (C, K), scale and theta (P, C)
@@ -145,6 +161,7 @@ class FusedActQuant(torch.autograd.Function):
             return MixedActQuant.forward(ctx, x, lo, hi, theta, bits, mask)
         ctx.save_for_backward(x, lo, hi, theta, bits, mask)
         ctx.fused = True
+        ctx.saturates = _saturates(lo, hi, scale, zp, levels)
         return out.view(x.shape)
 
     @staticmethod
@@ -153,16 +170,29 @@ class FusedActQuant(torch.autograd.Function):
         if not getattr(ctx, "fused", False):  # the forward ran eagerly
             return MixedActQuant.backward(ctx, grad)
         x, lo, hi, theta, bits, mask = ctx.saved_tensors
+        need_x, need_lo, need_hi, need_theta, _, need_mask = ctx.needs_input_grad
         scale, zp, levels = _act_params(lo, hi, bits)
         shape = _shape_3d(x, mask) if mask is not None else (x.numel(), 1, 1)
-        got = _run("act_backward", _act_backward, x, grad.contiguous(), shape, lo, hi, scale, zp, levels, theta, mask)
+        if ctx.saturates:
+            got = _run("act_backward", _act_backward, x, grad.contiguous(), shape, lo, hi, scale, zp, levels, theta,
+                       mask)
+        else:
+            live = theta.sum().expand(shape[1]) if mask is None else theta.sum() * mask.reshape(-1)
+            got = _run("act_backward_inside", _act_backward_inside, x, grad.contiguous(), shape, lo, hi, scale, live,
+                       need_hi, need_lo)
         if got is None:
             ctx.saturates = True  # the general path: right whether or not a code saturates
             return MixedActQuant.backward(ctx, grad)
-        grad_x, per_channel = got[0], torch.stack(got[1:])  # (4, P, C)
+        if ctx.saturates:
+            grad_x, per_channel = got[0], torch.stack(got[1:])  # (4, P, C)
+        else:  # rows P codes, y, [x > hi], [x < lo]: the last three the same for every precision
+            grad_x, rows = got
+            P = len(scale)
+            zeros = rows.new_zeros(rows.shape[1:])
+            extra = [rows[P], rows[P + 1] if need_hi else zeros, rows[-1] if need_lo else zeros]
+            per_channel = torch.stack([rows[:P]] + [e.expand(P, -1) for e in extra])
         q, ys, his, los = per_channel.sum(2) if mask is None else (per_channel * mask.reshape(1, 1, -1)).sum(2)
         d_scale = (q - ys / scale) * theta
-        need_x, need_lo, need_hi, need_theta, _, need_mask = ctx.needs_input_grad
         return (grad_x.view(x.shape) if need_x else None,
                 -(d_scale / levels).sum() + (theta * los).sum() if need_lo else None,
                 (d_scale / levels).sum() + (theta * his).sum() if need_hi else None,
