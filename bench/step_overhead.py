@@ -12,7 +12,10 @@ Two search models are timed: "eager" (the default quantizers) and "fused"
 which compile, are part of the warm-up and not timed).
 Targets (issue 7): time ratio <= 1.3, peak memory ratio <= 1.5.
 
-    python bench/step_overhead.py [--device cuda] [--threads 2] [--pairs 20] [--models resnet8,dscnn]
+With --breakdown, more pairs of steps are run with a clock between the phases (forward, cost,
+backward, optimiser) and their medians printed: where the search step's extra time goes.
+
+    python bench/step_overhead.py [--device cuda] [--threads 2] [--pairs 20] [--models resnet8,dscnn] [--breakdown]
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import fxsearch
 from fxsearch.zoo import dscnn, resnet8
 
 BATCH = 32
+PHASES = ("forward", "cost", "backward", "optimiser")
 CASES = {
     "resnet8": (lambda: resnet8(), (3, 32, 32), 10),
     "dscnn": (lambda: dscnn(), (1, 49, 10), 12),
@@ -53,14 +57,30 @@ class Trainer:
         for opt in self.opts:
             opt.zero_grad(set_to_none=True)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor, phases: dict[str, list[float]] | None = None) -> None:
+        """One step; with `phases`, appends the seconds of forward, cost, backward and optimiser."""
+        marks = [time.perf_counter()]
+
+        def mark() -> None:
+            if phases is not None:
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize()
+                marks.append(time.perf_counter())
+
         self.zero_grad()
         loss = torch.nn.functional.cross_entropy(self.model(x), y)
+        mark()
         if self.search:
             loss = loss + 1e-9 * self.model.cost
+        mark()
         loss.backward()
+        mark()
         for opt in self.opts:
             opt.step()
+        mark()
+        if phases is not None:
+            for name, a, b in zip(PHASES, marks, marks[1:]):
+                phases.setdefault(name, []).append(b - a)
 
     def live_bytes(self) -> int:
         """Parameters, buffers and optimiser state (what is live between steps, gradients freed)."""
@@ -93,7 +113,7 @@ def peak_step_bytes(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> int:
     return trainer.live_bytes() + x.numel() * x.element_size() + y.numel() * y.element_size() + grown
 
 
-def measure(name: str, device: str, pairs: int) -> dict:
+def measure(name: str, device: str, pairs: int, breakdown: bool = False) -> dict:
     factory, shape, classes = CASES[name]
     torch.manual_seed(0)
     x = torch.randn(BATCH, *shape, device=device)
@@ -105,6 +125,7 @@ def measure(name: str, device: str, pairs: int) -> dict:
         t.step(x, y)
         t.step(x, y)
     times: dict[str, list[float]] = {k: [] for k in trainers}
+    phases: dict[str, dict[str, list[float]]] = {k: {} for k in trainers}
     for _ in range(pairs):
         for k, t in trainers.items():
             if device == "cuda":
@@ -114,6 +135,10 @@ def measure(name: str, device: str, pairs: int) -> dict:
             if device == "cuda":
                 torch.cuda.synchronize()
             times[k].append(time.perf_counter() - start)
+    if breakdown:  # separate pairs: the phase marks synchronise, which the timed steps above avoid
+        for _ in range(pairs):
+            for k, t in trainers.items():
+                t.step(x, y, phases[k])
     mem = {k: peak_step_bytes(t, x, y) for k, t in trainers.items()}
     row = {"model": name, "float_ms": 1e3 * statistics.median(times["float"]), "float_mib": mem["float"] / 2 ** 20}
     for k in ("eager", "fused"):
@@ -121,6 +146,7 @@ def measure(name: str, device: str, pairs: int) -> dict:
         row[f"{k}_x"] = statistics.median(s / f for f, s in zip(times["float"], times[k]))
         row[f"{k}_mib"] = mem[k] / 2 ** 20
         row[f"{k}_mem_x"] = mem[k] / mem["float"]
+    row["phases_ms"] = {k: {p: 1e3 * statistics.median(v) for p, v in ph.items()} for k, ph in phases.items()}
     return row
 
 
@@ -130,6 +156,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
     parser.add_argument("--pairs", type=int, default=20, help="alternating float/search step pairs")
     parser.add_argument("--models", default=",".join(CASES))
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also print the median ms of each phase (forward, cost, backward, optimiser)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"device={args.device} threads={torch.get_num_threads()} batch={BATCH} "
@@ -137,10 +165,13 @@ def main() -> None:
     print(f"{'model':<10} {'float ms':>9} {'eager ms':>9} {'x':>5} {'fused ms':>9} {'x':>5} "
           f"{'float MiB':>10} {'eager MiB':>10} {'x':>5} {'fused MiB':>10} {'x':>5}")
     for name in args.models.split(","):
-        r = measure(name, args.device, args.pairs)
+        r = measure(name, args.device, args.pairs, args.breakdown)
         print(f"{r['model']:<10} {r['float_ms']:>9.1f} {r['eager_ms']:>9.1f} {r['eager_x']:>5.2f} "
               f"{r['fused_ms']:>9.1f} {r['fused_x']:>5.2f} {r['float_mib']:>10.1f} {r['eager_mib']:>10.1f} "
               f"{r['eager_mem_x']:>5.2f} {r['fused_mib']:>10.1f} {r['fused_mem_x']:>5.2f}", flush=True)
+        for k, ph in r["phases_ms"].items():
+            if ph:
+                print(f"  {k:<6} " + "  ".join(f"{p} {ms:.2f} ms" for p, ms in ph.items()), flush=True)
 
 
 if __name__ == "__main__":
