@@ -65,6 +65,8 @@ class ActSearch(_Choice):
     every prunable channel the tensor holds (thetas: those groups' choices, in plan order).
     """
 
+    fused = False  # SearchModel.fuse_quantizers() sets it per module
+
     def __init__(self, precisions, signed: bool, lo: float, hi: float, sampling: str, temperature: float,
                  mask_shape: tuple[int, ...] = (), mask_plan: list[tuple[torch.Tensor, torch.Tensor]] = (),
                  mask_units: tuple[int, ...] = ()):
@@ -93,7 +95,7 @@ class ActSearch(_Choice):
 
     def quantize(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """sum_p theta_a[p] * Q_p(x), times `mask` (in the same pass) if given."""
-        return fake_quant_act(x, self.lo, self.hi, self.bits, self.theta(), mask, getattr(self, "fused", False))
+        return fake_quant_act(x, self.lo, self.hi, self.bits, self.theta(), mask, self.fused)
 
     def mask(self, thetas: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """1 - theta[0] of the unit each position holds, 1 where it holds no prunable channel."""
@@ -110,6 +112,8 @@ class ActSearch(_Choice):
 class WeightSearchMixin:
     """Effective weight of a searchable layer: W_hat_c = sum_p theta[p, c] Q_p(W_c), Q_0 = 0."""
 
+    fused = False  # SearchModel.fuse_quantizers() sets it per module
+
     def _init_search(self, precisions: tuple[int, ...], unit_index: torch.Tensor | None) -> None:
         self.precisions = tuple(precisions)
         nonzero = [i for i, p in enumerate(precisions) if p > 0]
@@ -123,7 +127,7 @@ class WeightSearchMixin:
 
     def effective_params(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         t = self.channel_theta(theta).to(self.weight.dtype)
-        weight = fake_quant_weight(self.weight, self.bits, t[self.nonzero_rows], getattr(self, "fused", False))
+        weight = fake_quant_weight(self.weight, self.bits, t[self.nonzero_rows], self.fused)
         bias = self.bias
         if bias is not None and self.zero_row is not None:
             bias = bias * (1 - t[self.zero_row])
