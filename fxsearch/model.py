@@ -81,9 +81,10 @@ class SearchModel(torch.fx.GraphModule):
     def fuse_quantizers(self, enabled: bool = True) -> "SearchModel":
         """Run the quantizers of training steps as compiled loops (torch.compile; see
         fxsearch.fused_quantizers): same values, after a first step that compiles (tens of
-        seconds, cached on disk). The quantizer kernels run 1.5-3x faster than the eager ones in
-        isolation; a whole training step gains 0-20 % (most on large activations, ResNet-18:
-        bench/step_overhead.py). CPU only; eval, no-grad passes and other devices stay eager."""
+        seconds, cached on disk). Tensors of fewer than quantizers.FUSED_MIN_NUMEL elements stay
+        eager (a compiled call's fixed cost outweighs the gain there). A training step gains
+        5-15 % (bench/step_overhead.py: most on ResNet-18's large activations and weights).
+        CPU only; eval, no-grad passes and other devices stay eager."""
         for m in self.modules():
             if isinstance(m, (ActSearch, WeightSearchMixin)):
                 m.fused = enabled

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from fxsearch import fused_quantizers, quantizers
 from fxsearch.quantizers import act_scale_zero_point, fake_quant_act, fake_quant_weight, round_ste, weight_absmax
 
 
@@ -83,9 +84,10 @@ def test_act_quant_with_mask_and_saturating_codes_matches_reference():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a, b)
 
 
-def test_fused_quantizers_match_the_eager_ones():
+def test_fused_quantizers_match_the_eager_ones(monkeypatch):
     """The compiled quantizers (SearchModel.fuse_quantizers) give the eager values exactly and
     their gradients to float rounding; where compiling fails they fall back to the eager ones."""
+    monkeypatch.setattr(quantizers, "FUSED_MIN_NUMEL", 0)  # these small tensors too
     torch.manual_seed(3)
     bits = torch.tensor([2.0, 4.0, 8.0])
     cases = [  # unsigned with a per-channel mask; signed, no mask; a saturating 2-bit grid with a mask
@@ -107,6 +109,9 @@ def test_fused_quantizers_match_the_eager_ones():
         assert torch.equal(out, fused_out)
         for a, c in zip(grads, fused_grads):
             assert torch.allclose(a, c, rtol=1e-4, atol=1e-4), (a, c)
+    # the compiled loops ran (no silent eager fallback), both backward kernels among them
+    assert fused_quantizers.available(), fused_quantizers._FAILED
+    assert {"act_forward", "act_backward", "act_backward_inside"} <= set(fused_quantizers._KERNELS)
     w = torch.randn(6, 4, 3, 3)
     theta = torch.softmax(torch.randn(3, 6), 0)
     g = torch.randn(6, 4, 3, 3)
