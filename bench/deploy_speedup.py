@@ -10,7 +10,7 @@ alternating so that all see the same machine load; speed-up = latency(unpruned) 
 MAC ratio = MACs(unpruned) / MACs(pruned) counted from the finalized modules (count_cost).
 Target (issue 7): speed-up >= 0.8 x MAC ratio.
 
-    python bench/deploy_speedup.py [--models resnet8,resnet18] [--levels 0,0.25,0.5,0.75] [--threads 1,2] [--batch 1]
+    python bench/deploy_speedup.py [--models resnet8,resnet18] [--levels 0,0.25,0.5,0.75] [--threads 1,2] [--batch 1] [--size 64]
 """
 from __future__ import annotations
 
@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2", help="onnxruntime intra-op thread counts")
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--size", type=int, default=None, help="input side for resnet18 (default 64)")
     args = parser.parse_args()
     levels = [float(v) for v in args.levels.split(",")]
     print(f"onnxruntime {ort.__version__}, qdq format (w8a8), batch {args.batch}, ORT_ENABLE_ALL, median of {args.runs} runs")
@@ -116,6 +117,8 @@ def main() -> None:
           f"{'speed-up':>8} {'speed-up/MAC':>12}")
     for name in args.models.split(","):
         factory, sample = CASES[name]
+        if args.size and name == "resnet18":
+            sample = (3, args.size, args.size)
         shape = (args.batch, *sample)
         with tempfile.TemporaryDirectory() as tmp:
             paths, macs = {}, {}
