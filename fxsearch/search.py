@@ -78,6 +78,7 @@ class SearchSettings:
     lambda_ramp_epochs: int = 0      # lambda grows linearly from 0 over this many epochs
     device: str = "auto"             # "auto", "cpu", "cuda", "cuda:1", ...
     amp: str | None = None           # autocast dtype of the training steps: "bf16" (CPU, CUDA), "fp16" (CUDA, scaled)
+    fuse_quantizers: bool = False    # CPU: the search's quantizers as compiled loops (SearchModel.fuse_quantizers)
     find_unused_parameters: bool = False   # DistributedDataParallel's, for models with parameters forward leaves unused
     sync_bn: bool = True             # several CUDA processes: BatchNorm that trains uses global-batch statistics
     progress: bool = True            # tqdm bars on stderr
@@ -474,7 +475,7 @@ def search(model: nn.Module, train_loader: Loader, val_loader: Loader, test_load
     inputs = distributed.from_main(inputs)  # one graph on every process (rank 0's clip ranges)
     inputs = tuple(t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in inputs)
     t1 = time.perf_counter()
-    sm = convert(copy.deepcopy(model).cpu(), inputs, cost=cost, **convert_options)
+    sm = convert(copy.deepcopy(model).cpu(), inputs, cost=cost, **convert_options).fuse_quantizers(s.fuse_quantizers)
     history["search"] = run_search(sm, train_loader, val_loader, lam, s, criterion)
     timings["search"] = time.perf_counter() - t1
     t2 = time.perf_counter()

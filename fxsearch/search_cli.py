@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--amp", choices=("bf16", "fp16"), default=None,
       help="mixed precision of the training steps: bf16 (CPU or CUDA) or fp16 (CUDA, loss scaling); "
            "the quantizers compute in float32 either way (default: float32 throughout)")
+    a("--fuse-quantizers", action="store_true",
+      help="CPU: run the search's quantizers on large tensors as loops compiled by torch.compile "
+           "(same values; 5-15%% faster steps on large models after a first step that compiles)")
     a("--threads", type=cli.positive, default=1, metavar="N",
       help="CPU threads of torch (default 1: small models gain little from more, and lose much "
            "when the cores are shared; raise it for large models)")
@@ -254,7 +257,8 @@ class Sweep:
             epochs=args.epochs, finetune_epochs=args.finetune_epochs, patience=args.patience, lr=args.lr,
             arch_lr=args.arch_lr, arch_optimizer=args.arch_optimizer, finetune_lr=args.finetune_lr, schedule=args.schedule, normalize_cost=args.normalize_cost,
             lambda_ramp_epochs=args.lambda_ramp_epochs,
-            freeze_bn=args.freeze_bn and args.warmup_epochs > 0, restore_best=args.keep == "best", device=str(self.device), amp=args.amp, progress=not args.quiet,
+            freeze_bn=args.freeze_bn and args.warmup_epochs > 0, restore_best=args.keep == "best", device=str(self.device), amp=args.amp,
+            fuse_quantizers=args.fuse_quantizers, progress=not args.quiet,
             log=None if args.quiet else self.epoch_line)
         self.float_accuracy: float | None = None
         self.warmup_s = 0.0

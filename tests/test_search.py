@@ -19,6 +19,7 @@ import fxsearch
 from fxsearch import ConfigError
 from fxsearch.data import load_data
 from fxsearch.final_modules import QuantWeightMixin
+from fxsearch.search_modules import ActSearch, WeightSearchMixin
 from fxsearch.search import (SearchResult, SearchSettings, evaluate, make_optimizers, run_search, search,
                              sequential_search, warmup)
 from fxsearch.search_cli import main
@@ -185,6 +186,16 @@ def test_search_returns_a_finalized_fine_tuned_model(digits8):
     counted = fxsearch.cost_models.count_cost(result.final, (torch.randn(1, 1, 8, 8),), "size")
     assert result.costs["size"] == pytest.approx(counted)
     assert result.search_model.discrete_cost() == pytest.approx(result.costs["size"])
+    assert not any(getattr(m, "fused", False) for m in result.search_model.modules())
+
+
+def test_search_can_fuse_the_quantizers(digits8):
+    """settings.fuse_quantizers reaches the model the search trains (tensors this small stay eager)."""
+    train, val, _ = loaders(digits8)
+    settings = SearchSettings(epochs=1, finetune_epochs=0, fuse_quantizers=True, **QUIET)
+    result = search(Tiny(), train, val, lam=0.5, settings=settings)
+    quantizers = [m for m in result.search_model.modules() if isinstance(m, (ActSearch, WeightSearchMixin))]
+    assert quantizers and all(m.fused for m in quantizers)
 
 
 def test_sequential_baseline_prunes_then_quantizes(digits8):
