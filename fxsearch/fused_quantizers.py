@@ -119,6 +119,8 @@ def _shape_3d(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[int, int, int
 
 
 _KERNELS: dict[str, object] = {}
+# no guards on sizes that happen to be equal (one patch object: building one per call costs 3x)
+_NO_DUCK_SHAPES = fx_config.patch(use_duck_shape=False)
 
 
 def _run(name: str, fn, *args):
@@ -129,7 +131,7 @@ def _run(name: str, fn, *args):
         _KERNELS[name] = torch.compile(fn, dynamic=True)
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]  # no requires_grad guards
     try:
-        with fx_config.patch(use_duck_shape=False):  # no guards on sizes that happen to be equal
+        with _NO_DUCK_SHAPES:
             return _KERNELS[name](*args)
     except Exception as err:  # no C++ compiler, an unsupported backend, ...: eager from now on
         _FAILED.append(f"{type(err).__name__}: {err}")
