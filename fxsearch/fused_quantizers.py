@@ -163,6 +163,7 @@ class FusedActQuant(torch.autograd.Function):
             return MixedActQuant.forward(ctx, x, lo, hi, theta, bits, mask)
         ctx.save_for_backward(x, lo, hi, theta, bits, mask)
         ctx.fused = True
+        ctx.grid = scale, zp, levels  # three numbers per precision; backward reuses them
         ctx.saturates = _saturates(lo, hi, scale, zp, levels)
         return out.view(x.shape)
 
@@ -173,7 +174,7 @@ class FusedActQuant(torch.autograd.Function):
             return MixedActQuant.backward(ctx, grad)
         x, lo, hi, theta, bits, mask = ctx.saved_tensors
         need_x, need_lo, need_hi, need_theta, _, need_mask = ctx.needs_input_grad
-        scale, zp, levels = _act_params(lo, hi, bits)
+        scale, zp, levels = ctx.grid
         shape = _shape_3d(x, mask) if mask is not None else (x.numel(), 1, 1)
         if ctx.saturates:
             got = _run("act_backward", _act_backward, x, grad.contiguous(), shape, lo, hi, scale, zp, levels, theta,
