@@ -160,7 +160,10 @@ def make_optimizers(sm: SearchModel, settings: SearchSettings | None = None) -> 
 def _bar(loader: Loader, desc: str, progress: bool):
     if not progress:
         return loader
-    from tqdm.auto import tqdm
+    # tqdm's plain class: tqdm.auto's (tqdm_asyncio) calls iter(loader) when it is built, and
+    # that discarded DataLoader iterator draws from the shuffle generator, so progress bars
+    # changed which batches the epoch saw
+    from tqdm import tqdm
     return tqdm(loader, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
 
 

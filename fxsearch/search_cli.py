@@ -269,7 +269,7 @@ class Sweep:
             print(f"fxsearch.search: {msg}", file=sys.stderr, flush=True)
 
     def epoch_line(self, msg: str) -> None:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
         tqdm.write(f"  {msg}", file=sys.stderr)
 
     # -- pieces

@@ -150,6 +150,21 @@ def test_search_trains_and_a_large_lambda_cuts_the_cost(digits8):
     assert not sm.training
 
 
+def test_progress_bars_do_not_change_the_training(digits8):
+    """Same seed, same batches, same weights with and without progress bars (tqdm.auto's
+    class once built a DataLoader iterator of its own, which advanced the shuffle generator)."""
+    trained = []
+    for progress in (False, True):
+        torch.manual_seed(0)
+        model = Tiny()
+        train, val, _ = loaders(digits8)
+        history = warmup(model, train, val, 2, SearchSettings(progress=progress))
+        trained.append((history, model.state_dict()))
+    (h0, s0), (h1, s1) = trained
+    assert [r["loss"] for r in h0] == [r["loss"] for r in h1]
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
 def test_optimisers_follow_the_protocol():
     sm = fxsearch.convert(Tiny(), (torch.randn(2, 1, 8, 8),))
     opt_w, opt_a = make_optimizers(sm)
