@@ -233,6 +233,22 @@ def cli(*args, cwd=None):
                           cwd=cwd, timeout=300)
 
 
+def test_cli_run_is_the_same_whether_it_trained_or_read_the_warm_up(tmp_path):
+    """A run in the invocation that trains the warm-up equals the same run in a later
+    invocation that reads warmup.pt (the warm model was left in eval mode by the first)."""
+    args = ("--lambdas", "2", "--baselines", "none", "--epochs", "1", "--warmup-epochs", "1",
+            "--finetune-epochs", "1", "--limit-train", "96", "--limit-eval", "64", "--batch-size", "32", "-q")
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert cli(*args, "--out", str(first)).returncode == 0
+    second.mkdir()
+    for name in ("settings.json", "warmup.pt", "warmup.json"):
+        (second / name).write_bytes((first / name).read_bytes())
+    done = cli(*args, "--out", str(second))
+    assert done.returncode == 0, done.stderr
+    a, b = (torch.load(d / "joint/lambda_2/final.pt", weights_only=True) for d in (first, second))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_cli_help_and_usage_errors(tmp_path, capsys):
     done = cli("--help")
     assert done.returncode == 0 and "--lambdas" in done.stdout and "--limit-train" in done.stdout
