@@ -463,9 +463,9 @@ def search(model: nn.Module, train_loader: Loader, val_loader: Loader, test_load
     evaluate. ``convert_options``: fxsearch.convert's (w_precisions, a_precisions, ...);
     ``example_inputs`` default to a batch of the training loader. With ``settings.freeze_bn``
     (the default) the model's BatchNorm statistics must be trained: warm it up (here or with
-    ``warmup``), start from trained weights, or set freeze_bn=False. The initial activation
-    clip ranges come from one run of the model in the mode it is in; after a warm-up here it
-    is in training mode, as in the search CLI."""
+    ``warmup``), start from trained weights, or set freeze_bn=False. The model is converted
+    with its BatchNorm as the search runs it (eval mode under freeze_bn, else training mode):
+    the initial activation clip ranges come from that run, whatever mode ``model`` is in."""
     s = settings or SearchSettings()
     dev = resolve_device(s.device)
     t0 = time.perf_counter()
@@ -475,13 +475,13 @@ def search(model: nn.Module, train_loader: Loader, val_loader: Loader, test_load
     if warmup_epochs:
         history["warmup"] = warmup(model, train_loader, val_loader, warmup_epochs, s, criterion)
         float_acc = evaluate(model, test_loader or val_loader, dev, criterion)[0]
-        model.train()  # converted in training mode, like the search CLI's warm model
         timings["warmup"] = time.perf_counter() - t0
     inputs = tuple(example_inputs) if example_inputs is not None else _example(train_loader)
     inputs = distributed.from_main(inputs)  # one graph on every process (rank 0's clip ranges)
     inputs = tuple(t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in inputs)
     t1 = time.perf_counter()
-    sm = convert(copy.deepcopy(model).cpu(), inputs, cost=cost, **convert_options).fuse_quantizers(s.fuse_quantizers)
+    seed_model = copy.deepcopy(model).cpu().train(not s.freeze_bn)  # BatchNorm as the search will run it
+    sm = convert(seed_model, inputs, cost=cost, **convert_options).fuse_quantizers(s.fuse_quantizers)
     history["search"] = run_search(sm, train_loader, val_loader, lam, s, criterion)
     timings["search"] = time.perf_counter() - t1
     t2 = time.perf_counter()

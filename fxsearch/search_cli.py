@@ -323,7 +323,7 @@ class Sweep:
             record = read_json(info)
             self.float_accuracy, self.warmup_s = record["accuracy"], record["seconds"]
             self.say(f"warm-up: read {weights} (float test accuracy {100 * self.float_accuracy:.2f}%)")
-            return model.train()
+            return model
         train, val, test = self.loaders()
         start = time.perf_counter()
         history = []
@@ -339,10 +339,7 @@ class Sweep:
                               "epochs": self.args.warmup_epochs, "history": history})
         distributed.barrier()
         self.say(f"warm-up done: float test accuracy {100 * self.float_accuracy:.2f}% ({self.warmup_s:.0f} s)")
-        # in training mode, as when read back: convert's channel analysis runs the model in its
-        # own mode and sets the initial clip ranges from it (evaluate left it in eval mode, so a
-        # run that trained the warm-up differed from the same run resumed from warmup.pt)
-        return model.train()
+        return model
 
     def example(self) -> tuple[torch.Tensor, ...]:
         return (torch.stack([self.data.train[i][0] for i in range(min(1, len(self.data.train)))]),)
