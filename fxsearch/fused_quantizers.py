@@ -17,7 +17,7 @@ import warnings
 import torch
 import torch.fx.experimental._config as fx_config
 
-from .quantizers import EPS, _saturates
+from .quantizers import _saturates, act_scale_zero_point
 
 _FAILED: list[str] = []  # the first compile error, once compiling has failed
 
@@ -144,18 +144,14 @@ def available() -> bool:
     return not _FAILED
 
 
-def _act_params(lo, hi, bits):
-    scale = (hi - lo).clamp_min(EPS) / (2 ** bits - 1)
-    return scale, torch.round(-lo / scale), 2 ** bits - 1
-
-
 class FusedActQuant(torch.autograd.Function):
     """MixedActQuant (fxsearch.quantizers) as fused loops; same arguments and results."""
 
     @staticmethod
     def forward(ctx, x, lo, hi, theta, bits, mask=None):
         from .quantizers import MixedActQuant
-        scale, zp, levels = _act_params(lo, hi, bits)
+        scale, zp = act_scale_zero_point(lo, hi, bits)
+        levels = 2 ** bits - 1
         shape = _shape_3d(x, mask)
         out = None if shape is None else _run("act_forward", _act_forward, x, shape, lo, hi, scale, zp, levels,
                                               scale * theta, mask)

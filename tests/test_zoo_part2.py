@@ -1,7 +1,5 @@
-"""The torchvision classification zoo end to end, second half (tests/zoo_cases.py): convert,
-one search step, about 30% of the prunable channel units at 0 bits, finalize exactly (16
-bits), "qdq" ONNX export at the default precisions verified in onnxruntime. Slow models are
-marked heavy (`make test-heavy`); bench/zoo_report.py writes the same as docs/zoo.md."""
+"""The torchvision zoo end to end, second half: the same cases as tests/test_zoo.py (a file
+of its own so that `--dist loadfile` runs the halves on two workers)."""
 from __future__ import annotations
 
 import pytest
