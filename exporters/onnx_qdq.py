@@ -7,7 +7,10 @@ graph is then rewritten with the onnx package:
 - weights: int8 initializer (values inside each channel's 2/4/8-bit range), per-channel fp32
   scale, zero point 0, DequantizeLinear(axis=0) producing the tensor the layer reads;
 - bias: int32 initializer with scale s_x * s_w[c];
-- activations: QuantizeLinear -> Clip (below 8 bits) -> DequantizeLinear on the layer input;
+- activations: QuantizeLinear -> Clip (below 8 bits) -> DequantizeLinear on the layer input,
+  the DequantizeLinear tagged with the quantizer's module name (ai.fxsearch.quantizer);
+  quantizers no layer reads (the operands of integer adds) go through the float export as
+  8-bit fake quantization, and their QuantizeLinear/DequantizeLinear pairs are replaced by ours;
 - annotations: node metadata_props (ai.fxsearch.*), GraphProto.quantization_annotation and a
   JSON summary in the model's metadata_props.
 "packed" first sorts the channels of the whole model by bit-width (passes/sort_channels.py),
@@ -64,8 +67,31 @@ def quant_layers(final: torch.fx.GraphModule) -> dict[str, tuple[QuantWeightMixi
     return layers
 
 
+def standalone_quantizers(final: torch.fx.GraphModule) -> list[tuple[str, FakeQuantAct]]:
+    """(module name, quantizer) of every activation quantizer that no quantized layer reads
+    (the operands of integer adds), in graph order."""
+    modules = dict(final.named_modules())
+    read = {id(act) for _, act in quant_layers(final).values() if act is not None}
+    return [(n.target, modules[n.target]) for n in final.graph.nodes if n.op == "call_module"
+            and isinstance(modules.get(n.target), FakeQuantAct) and id(modules[n.target]) not in read]
+
+
+class _FakeQuant8(nn.Module):
+    """A standalone 8-bit quantizer in the float twin: torch.onnx writes it as a
+    QuantizeLinear/DequantizeLinear pair, which marks the place for the rewriter."""
+
+    def __init__(self, act: FakeQuantAct):
+        super().__init__()
+        self.scale, self.zero_point = act.scale_zero_point()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
+
+
 def _float_twin(final: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """The finalized model with dequantized float weights and identity activation quantizers."""
+    """The finalized model with dequantized float weights, identity activation quantizers on
+    layer inputs and standalone ones as _FakeQuant8."""
+    standalone = {name for name, _ in standalone_quantizers(final)}
     # the quantized layers' weights are replaced below: copying them first would only cost time
     shared = [m.weight for m in final.modules() if isinstance(m, QuantWeightMixin)]
     twin = copy.deepcopy(final, {id(t): t for t in shared}).eval()
@@ -79,7 +105,7 @@ def _float_twin(final: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 plain.weight = nn.Parameter(module.quant_weight())
             _replace(twin, name, plain)
         elif isinstance(module, FakeQuantAct):
-            _replace(twin, name, nn.Identity())
+            _replace(twin, name, _FakeQuant8(module) if name in standalone else nn.Identity())
     return twin
 
 
@@ -138,6 +164,7 @@ class _Rewriter:
         self.annotations: list[onnx.TensorAnnotation] = []
         self.quantized_inputs: dict[tuple[str, int], str] = {}
         self.replaced: dict[int, list[onnx.NodeProto]] = {}  # node -> the nodes taking its place
+        self.removed: list[onnx.NodeProto] = []  # dropped nodes, held so that their ids stay theirs
 
     def add_init(self, name: str, array: np.ndarray) -> str:
         self.graph.initializer.append(numpy_helper.from_array(array, name))
@@ -177,10 +204,10 @@ class _Rewriter:
                         return m
         raise ExportError(f"no Conv/Gemm/MatMul reads '{weight}' in the exported graph")
 
-    def quantize_input(self, op: onnx.NodeProto, act: FakeQuantAct) -> tuple[float, str]:
-        """Q -> (Clip) -> DQ on the data input of `op`; shared by layers reading one quantizer."""
+    def quantize_input(self, op: onnx.NodeProto, act: FakeQuantAct, act_name: str, index: int = 0) -> tuple[float, str]:
+        """Q -> (Clip) -> DQ on input `index` of `op`; shared by the ops reading one quantizer."""
         scale, zero_point = act.scale_zero_point()
-        src = op.input[0]
+        src = op.input[index]
         key = (src, id(act))
         if key not in self.quantized_inputs:
             # torch.onnx merges equal ops (two pools of one tensor), so one tensor can feed
@@ -197,11 +224,40 @@ class _Rewriter:
                 nodes.append(helper.make_node("Clip", [q, lo, hi], [f"{base}_clip"], name=f"{base}_clip"))
                 q = f"{base}_clip"
             nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [f"{base}_dq"], name=f"{base}_dequantize"))
+            _set_props(nodes[-1], {"ai.fxsearch.quantizer": act_name, "ai.fxsearch.a_bits": str(act.bits)})
             self.before[id(op)].extend(nodes)
             self.annotate(q, s, z)
             self.quantized_inputs[key] = f"{base}_dq"
-        op.input[0] = self.quantized_inputs[key]
+        op.input[index] = self.quantized_inputs[key]
         return scale, src
+
+    def quantize_standalone(self, acts: list[tuple[str, FakeQuantAct]]) -> None:
+        """Replace the float export's QuantizeLinear/DequantizeLinear pairs (one per standalone
+        quantizer, in graph order) by ours, and drop the constants that fed them."""
+        pairs = [(q, self.consumers[q.output[0]]) for q in self.graph.node if q.op_type == "QuantizeLinear"]
+        if len(pairs) != len(acts) or any(len(d) != 1 or d[0].op_type != "DequantizeLinear" for _, d in pairs):
+            raise ExportError(f"the float export holds {len(pairs)} quantize/dequantize pairs where the model "
+                              f"has {len(acts)} standalone quantizers ({', '.join(n for n, _ in acts)}); "
+                              "export with integer_adds=False, or report the model")
+        gone = []
+        for (q, (dq,)), (name, act) in zip(pairs, acts):
+            gone += [q, dq]
+            for op in self.consumers[dq.output[0]]:
+                for index, tensor in enumerate(op.input):
+                    if tensor == dq.output[0]:
+                        op.input[index] = q.input[0]
+                        self.consumers[q.input[0]].append(op)
+                        self.quantize_input(op, act, name, index)
+        producers = {o: n for n in self.graph.node for o in n.output}
+        while gone:
+            node = gone.pop()
+            self.replaced[id(node)] = []
+            self.removed.append(node)
+            for tensor in node.input:
+                p = producers.get(tensor)
+                if p is not None and id(p) not in self.replaced and all(
+                        id(c) in self.replaced for o in p.output for c in self.consumers[o]):
+                    gone.append(p)
 
     def finish(self) -> None:
         nodes = list(self.head)
@@ -251,9 +307,15 @@ def _build(final: torch.fx.GraphModule, example_inputs: Sequence[Any], opset: in
         raise ExportError(f"opset {opset} has no per-channel DequantizeLinear; use opset >= 13")
     layers = quant_layers(final)
     check_finite(final, ExportError, "fine-tuning diverged: export an earlier state")
+    for name, act in standalone_quantizers(final):
+        if act.bits != 8:
+            raise ExportError(f"quantizer '{name}' feeds no layer and has {act.bits} bits; the exporters write "
+                              "such quantizers (the operands of integer adds) at 8 bits only")
     twin = _float_twin(final).cpu().float()  # a float32 graph whatever the model's dtype (scales are fp32)
     model = _torch_onnx(twin, example_inputs, opset)
     rw = _Rewriter(model)
+    rw.quantize_standalone(standalone_quantizers(final))
+    act_names = {id(m): n for n, m in final.named_modules()}
     rows = []
     for name, (layer, act) in layers.items():
         if act is not None and act.bits > 8:
@@ -264,7 +326,7 @@ def _build(final: torch.fx.GraphModule, example_inputs: Sequence[Any], opset: in
         props = {"ai.fxsearch.layer": name, "ai.fxsearch.w_bits": json.dumps(layer.w_bits.tolist())}
         a_scale = None
         if act is not None:
-            a_scale, _ = rw.quantize_input(op, act)
+            a_scale, _ = rw.quantize_input(op, act, act_names[id(act)])
             props["ai.fxsearch.a_bits"] = str(act.bits)
         w_scale = layer.weight_scale().detach().cpu().double().numpy()
         rows.append(write_layer(rw, name, layer, act, op, w_scale, a_scale, props))

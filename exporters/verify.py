@@ -2,8 +2,9 @@
 
 - weight integers in the file equal the model's integers exactly (for the packed format, the
   concatenated sub-layer integers equal those of the model after the same channel sort);
-- every quantized activation agrees within 1 LSB of its scale (graph optimisation disabled,
-  the quantized tensors exposed as extra outputs), each PyTorch quantizer fed from
+- every quantized activation (layer inputs, operands of integer adds) agrees within 1 LSB of
+  its scale (graph optimisation disabled, the quantized tensors exposed as extra outputs,
+  found by the quantizer name on their DequantizeLinear), each PyTorch quantizer fed from
   onnxruntime's upstream tensors (teacher forcing) so that a rounding tie flipped by a
   different float summation order is counted where it happens instead of cascading;
 - the model outputs agree at disabled and at default graph optimisation.
@@ -78,16 +79,13 @@ def verify_onnx(final: torch.fx.GraphModule, path: str, example_inputs: Sequence
             layer.weight_int().detach().cpu().numpy().astype(np.int64))
         for name, (layer, _) in layers.items())
 
-    # the dequantized input of every quantized layer, in ONNX, and which quantizer makes it
-    ops = {p.value: n for n in model.graph.node for p in n.metadata_props if p.key == "ai.fxsearch.layer"}
-    producers = {o: n for n in model.graph.node for o in n.output}
+    # the tensor every quantizer makes in ONNX: the output of the DequantizeLinear tagged with its name
+    modules = dict(final.named_modules())
     tensor_of: dict[int, tuple[torch.nn.Module, str]] = {}
-    for name, (layer, act) in layers.items():
-        if act is not None and name in ops:
-            tensor = ops[name].input[0]
-            while producers[tensor].op_type == "Slice":  # a packed grouped conv's sub-layer input
-                tensor = producers[tensor].input[0]
-            tensor_of[id(act)] = (act, tensor)
+    for node in model.graph.node:
+        tag = {p.key: p.value for p in node.metadata_props}.get("ai.fxsearch.quantizer")
+        if node.op_type == "DequantizeLinear" and tag in modules:
+            tensor_of[id(modules[tag])] = (modules[tag], node.output[0])
     feeds = {i.name: (t.float() if t.is_floating_point() else t).detach().cpu().numpy()  # float32 graph
              for i, t in zip(model.graph.input, example_inputs)}
     final.eval()

@@ -93,7 +93,7 @@ def _encode_config(model: SearchModel) -> dict[str, Any]:
         "input_bits": cfg.input_bits, "sampling": model.sampling, "temperature": float(cfg.temperature),
         "exclude": _encode_modules("exclude", cfg.exclude),
         "leaf_modules": _encode_modules("leaf_modules", cfg.leaf_modules),
-        "concrete_args": concrete,
+        "concrete_args": concrete, "integer_adds": cfg.integer_adds,
     }
 
 
@@ -102,7 +102,7 @@ def _decode_config(d: dict[str, Any]) -> SearchConfig:
         w_precisions=tuple(d["w_precisions"]), a_precisions=tuple(d["a_precisions"]),
         input_bits=d["input_bits"], sampling=d["sampling"], temperature=d["temperature"],
         exclude=_decode_modules(d["exclude"]), leaf_modules=_decode_modules(d["leaf_modules"]),
-        concrete_args=d["concrete_args"])
+        concrete_args=d["concrete_args"], integer_adds=d.get("integer_adds", False))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -45,6 +45,10 @@ class SearchConfig:
     sampling: "softmax" (with temperature), "hard" (argmax forward, softmax gradient) or "gumbel".
     exclude: module names or types kept in float and out of the search.
     leaf_modules: extra module types that the tracer keeps whole.
+    integer_adds: also quantize both operands of every element-wise add/sub of two computed
+        tensors (residual adds) at a fixed 8 bits, not searched and not priced, so that the
+        layers feeding them write integers: onnxruntime then runs every such convolution as
+        int8 QLinearConv instead of float (see README, Deployment).
     """
 
     w_precisions: Sequence[int] = (0, 2, 4, 8)
@@ -55,6 +59,7 @@ class SearchConfig:
     exclude: Sequence[Any] = ()
     leaf_modules: Sequence[type] = ()
     concrete_args: dict[str, Any] | None = None
+    integer_adds: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -66,6 +71,8 @@ class SearchConfig:
             raise ConfigError(f"sampling={self.sampling!r}; choose one of {SAMPLING_MODES}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ConfigError(f"temperature must be a positive number, got {self.temperature!r}")
+        if not isinstance(self.integer_adds, bool):
+            raise ConfigError(f"integer_adds must be True or False, got {self.integer_adds!r}")
         set_("exclude", tuple(self.exclude))
         set_("leaf_modules", tuple(self.leaf_modules))
 

@@ -7,7 +7,7 @@ import torch
 
 from fxsearch.passes.channel_groups import ChannelGroupPass
 from fxsearch.passes.cost import CostPass
-from fxsearch.passes.insert_search_nodes import InsertSearchNodesPass
+from fxsearch.passes.insert_search_nodes import SEARCH_HOLDERS, InsertSearchNodesPass
 from fxsearch.passes.trace import trace
 
 from .checks import check_example_inputs, check_finite, model_device
@@ -28,7 +28,8 @@ def convert(
     example_inputs: a tuple with one example tensor per positional input (shapes matter,
     values set the initial activation clip ranges).
     options: the fields of SearchConfig (w_precisions, a_precisions, input_bits, sampling,
-    temperature, exclude, leaf_modules, concrete_args), or pass ``config=`` directly.
+    temperature, exclude, leaf_modules, concrete_args, integer_adds), or pass ``config=``
+    directly.
     cost: what SearchModel.cost prices: a registered name ("size", "size_bytes", "params",
     "macs", "bitops", "mpic", "ne16"), a function of one CostLayer, a CostModel, or a dict
     name -> any of these (the first is the main cost); see fxsearch.cost_models.
@@ -51,6 +52,7 @@ def _like(sm: SearchModel, model: torch.nn.Module) -> SearchModel:
     if device is not None:
         sm.to(device)
     if {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float64}:
-        for name in ("fxs_choices", "fxs_act"):
-            sm.get_submodule(name).to(torch.float64)
+        for name in SEARCH_HOLDERS:
+            if hasattr(sm, name):
+                sm.get_submodule(name).to(torch.float64)
     return sm

@@ -50,7 +50,7 @@ ACT_INDEPENDENT = ("size", "size_bytes", "params", "macs")   # costs blind to ac
 RESULT_OPTIONS = ("model", "model_kwargs", "data", "image_size", "cost", "w_precisions", "a_precisions",
                   "sampling", "epochs", "warmup_epochs", "finetune_epochs", "patience", "batch_size", "seed",
                   "lr", "arch_lr", "arch_optimizer", "finetune_lr", "schedule", "lambda_ramp_epochs", "normalize_cost", "freeze_bn", "keep", "limit_train",
-                  "limit_eval")
+                  "limit_eval", "integer_adds")
 
 
 # ---- argument types --------------------------------------------------------------------------
@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="activation bit-widths; auto: 8 for costs blind to activations (size, params, macs), else 2,4,8")
     a("--sampling", choices=("softmax", "hard", "gumbel"), default="hard",
       help="how the search draws precisions (default hard: argmax forward, softmax gradient)")
+    a("--integer-adds", action="store_true",
+      help="quantize the operands of residual adds at 8 bits (fixed, unpriced) so that every "
+           "convolution feeding one runs in int8 in onnxruntime (see README, Deployment)")
     a("--baselines", type=_baselines, default=list(BASELINES), metavar="LIST",
       help="uniform baselines trained for the same epochs (default w8a8,w4a8,w2a8; 'none')")
     a("--sequential", action="store_true",
@@ -282,7 +285,7 @@ class Sweep:
         path = os.path.join(self.out, "settings.json")
         mine = self.options()
         if os.path.exists(path):
-            stored = read_json(path)
+            stored = {"integer_adds": False, **read_json(path)}  # run directories older than the option
             diff = [k for k in RESULT_OPTIONS if stored.get(k) != mine[k]]
             if diff:
                 k = diff[0]
@@ -367,7 +370,7 @@ class Sweep:
         torch.manual_seed(self.args.seed)
         train, val, test = self.loaders()
         common = dict(cost=self.args.cost, settings=self.settings, a_precisions=self.a_precisions,
-                      sampling=self.args.sampling)
+                      sampling=self.args.sampling, integer_adds=self.args.integer_adds)
         if kind == "sequential":
             result = sequential_search(warm, train, val, test, lam=lam, **common)
         else:
