@@ -9,6 +9,9 @@ Latency is the median of runs on one batch (exported at that batch size) at ORT_
 alternating so that all see the same machine load; speed-up = latency(unpruned) / latency(pruned),
 MAC ratio = MACs(unpruned) / MACs(pruned) counted from the finalized modules (count_cost).
 Target (issue 7): speed-up >= 0.8 x MAC ratio.
+Each model is exported twice, converted with float residual adds (the method as published) and
+with integer_adds=True (8-bit add operands, so the convolutions feeding the adds fuse to
+QLinearConv too); `int/float` = latency(float adds) / latency(integer adds) at the same level.
 
     python bench/deploy_speedup.py [--models resnet8,resnet18] [--levels 0,0.25,0.5,0.75] [--threads 1,2] [--batch 1] [--size 64]
 """
@@ -51,11 +54,11 @@ def set_choices(sm: fxsearch.SearchModel, fraction: float) -> None:
                 m.alpha[m.precisions.index(0), chosen] = 20.0
 
 
-def export(factory, shape, fraction: float, path: str) -> int:
+def export(factory, shape, fraction: float, path: str, integer_adds: bool = False) -> int:
     """Finalize at pruning level `fraction`, write the qdq ONNX file, return the MACs."""
     torch.manual_seed(0)
     x = torch.randn(*shape)
-    sm = fxsearch.convert(factory(), (x,))
+    sm = fxsearch.convert(factory(), (x,), integer_adds=integer_adds)
     set_choices(sm, fraction)
     sm.train()
     with torch.no_grad():  # BatchNorm statistics of real activations, as after a search
@@ -86,7 +89,8 @@ def fused_ops(path: str) -> str:
         ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         import onnx
         ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
-    return ", ".join(f"{op} x{ops.count(op)}" for op in ("QLinearConv", "QGemm", "Conv", "Gemm") if op in ops)
+    return ", ".join(f"{op} x{ops.count(op)}" for op in ("QLinearConv", "QGemm", "FusedConv", "Conv", "Gemm")
+                     if op in ops)
 
 
 def latencies(sessions: dict, x: np.ndarray, runs: int) -> dict:
@@ -113,8 +117,9 @@ def main() -> None:
     args = parser.parse_args()
     levels = [float(v) for v in args.levels.split(",")]
     print(f"onnxruntime {ort.__version__}, qdq format (w8a8), batch {args.batch}, ORT_ENABLE_ALL, median of {args.runs} runs")
-    print(f"{'model':<9} {'pruned':>6} {'threads':>7} {'MACs':>11} {'latency ms':>10} {'MAC ratio':>9} "
-          f"{'speed-up':>8} {'speed-up/MAC':>12}")
+    print(f"{'model':<9} {'adds':>5} {'pruned':>6} {'threads':>7} {'MACs':>11} {'latency ms':>10} {'MAC ratio':>9} "
+          f"{'speed-up':>8} {'speed-up/MAC':>12} {'int/float':>9}")
+    variants = {"float": False, "int8": True}
     for name in args.models.split(","):
         factory, sample = CASES[name]
         if args.size and name == "resnet18":
@@ -122,17 +127,20 @@ def main() -> None:
         shape = (args.batch, *sample)
         with tempfile.TemporaryDirectory() as tmp:
             paths, macs = {}, {}
-            for f in [0.0] + [v for v in levels if v != 0.0]:
-                paths[f] = os.path.join(tmp, f"{name}_{f}.onnx")
-                macs[f] = export(factory, shape, f, paths[f])
-            print(f"# {name}: onnxruntime runs {fused_ops(paths[0.0])} (unpruned)")
+            for adds, integer in variants.items():
+                for f in [0.0] + [v for v in levels if v != 0.0]:
+                    paths[adds, f] = os.path.join(tmp, f"{name}_{adds}_{f}.onnx")
+                    macs[f] = export(factory, shape, f, paths[adds, f], integer)
+                print(f"# {name}, {adds} adds: onnxruntime runs {fused_ops(paths[adds, 0.0])} (unpruned)")
             x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
             for threads in (int(t) for t in args.threads.split(",")):
-                lat = latencies({f: session(p, threads) for f, p in paths.items()}, x, args.runs)
-                for f in levels:
-                    mac_ratio, speedup = macs[0.0] / macs[f], lat[0.0] / lat[f]
-                    print(f"{name:<9} {f:>6.0%} {threads:>7} {macs[f]:>11,} {1e3 * lat[f]:>10.3f} {mac_ratio:>9.2f} "
-                          f"{speedup:>8.2f} {speedup / mac_ratio:>12.2f}", flush=True)
+                lat = latencies({k: session(p, threads) for k, p in paths.items()}, x, args.runs)
+                for adds in variants:
+                    for f in levels:
+                        mac_ratio, speedup = macs[0.0] / macs[f], lat[adds, 0.0] / lat[adds, f]
+                        print(f"{name:<9} {adds:>5} {f:>6.0%} {threads:>7} {macs[f]:>11,} {1e3 * lat[adds, f]:>10.3f} "
+                              f"{mac_ratio:>9.2f} {speedup:>8.2f} {speedup / mac_ratio:>12.2f} "
+                              f"{lat['float', f] / lat['int8', f]:>9.2f}", flush=True)
 
 
 if __name__ == "__main__":

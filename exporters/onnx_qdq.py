@@ -9,8 +9,9 @@ graph is then rewritten with the onnx package:
 - bias: int32 initializer with scale s_x * s_w[c];
 - activations: QuantizeLinear -> Clip (below 8 bits) -> DequantizeLinear on the layer input,
   the DequantizeLinear tagged with the quantizer's module name (ai.fxsearch.quantizer);
-  quantizers no layer reads (the operands of integer adds) go through the float export as
-  8-bit fake quantization, and their QuantizeLinear/DequantizeLinear pairs are replaced by ours;
+  quantizers that something other than a layer reads (the operands of integer adds) go
+  through the float export as 8-bit fake quantization, whose QuantizeLinear/DequantizeLinear
+  pairs are then replaced by ours;
 - annotations: node metadata_props (ai.fxsearch.*), GraphProto.quantization_annotation and a
   JSON summary in the model's metadata_props.
 "packed" first sorts the channels of the whole model by bit-width (passes/sort_channels.py),
@@ -67,18 +68,18 @@ def quant_layers(final: torch.fx.GraphModule) -> dict[str, tuple[QuantWeightMixi
     return layers
 
 
-def standalone_quantizers(final: torch.fx.GraphModule) -> list[tuple[str, FakeQuantAct]]:
-    """(module name, quantizer) of every activation quantizer that no quantized layer reads
-    (the operands of integer adds), in graph order."""
+def marked_quantizers(final: torch.fx.GraphModule) -> list[tuple[str, FakeQuantAct]]:
+    """(module name, quantizer) of every activation quantizer with a reader other than a
+    quantized layer (the operands of integer adds), in graph order: the float twin marks them."""
     modules = dict(final.named_modules())
-    read = {id(act) for _, act in quant_layers(final).values() if act is not None}
     return [(n.target, modules[n.target]) for n in final.graph.nodes if n.op == "call_module"
-            and isinstance(modules.get(n.target), FakeQuantAct) and id(modules[n.target]) not in read]
+            and isinstance(modules.get(n.target), FakeQuantAct)
+            and any(not isinstance(modules.get(u.target), QuantWeightMixin) for u in n.users)]
 
 
-class _FakeQuant8(nn.Module):
-    """A standalone 8-bit quantizer in the float twin: torch.onnx writes it as a
-    QuantizeLinear/DequantizeLinear pair, which marks the place for the rewriter."""
+class _QuantizerMark(nn.Module):
+    """A marked quantizer in the float twin: torch.onnx writes this 8-bit fake quantization as a
+    QuantizeLinear/DequantizeLinear pair, which the rewriter replaces by the quantizer's own."""
 
     def __init__(self, act: FakeQuantAct):
         super().__init__()
@@ -89,9 +90,9 @@ class _FakeQuant8(nn.Module):
 
 
 def _float_twin(final: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """The finalized model with dequantized float weights, identity activation quantizers on
-    layer inputs and standalone ones as _FakeQuant8."""
-    standalone = {name for name, _ in standalone_quantizers(final)}
+    """The finalized model with dequantized float weights, activation quantizers as identities
+    (the rewriter quantizes layer inputs), marked ones as _QuantizerMark."""
+    marked = {name for name, _ in marked_quantizers(final)}
     # the quantized layers' weights are replaced below: copying them first would only cost time
     shared = [m.weight for m in final.modules() if isinstance(m, QuantWeightMixin)]
     twin = copy.deepcopy(final, {id(t): t for t in shared}).eval()
@@ -105,7 +106,7 @@ def _float_twin(final: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 plain.weight = nn.Parameter(module.quant_weight())
             _replace(twin, name, plain)
         elif isinstance(module, FakeQuantAct):
-            _replace(twin, name, _FakeQuant8(module) if name in standalone else nn.Identity())
+            _replace(twin, name, _QuantizerMark(module) if name in marked else nn.Identity())
     return twin
 
 
@@ -162,7 +163,8 @@ class _Rewriter:
             for i in n.input:
                 self.consumers[i].append(n)
         self.annotations: list[onnx.TensorAnnotation] = []
-        self.quantized_inputs: dict[tuple[str, int], str] = {}
+        self.quantized_inputs: dict[tuple[str, int], str] = {}  # (tensor, quantizer) -> its DQ output
+        self.dequantized: dict[str, str] = {}  # DQ output -> the tensor it quantizes
         self.replaced: dict[int, list[onnx.NodeProto]] = {}  # node -> the nodes taking its place
         self.removed: list[onnx.NodeProto] = []  # dropped nodes, held so that their ids stay theirs
 
@@ -208,6 +210,8 @@ class _Rewriter:
         """Q -> (Clip) -> DQ on input `index` of `op`; shared by the ops reading one quantizer."""
         scale, zero_point = act.scale_zero_point()
         src = op.input[index]
+        if src in self.dequantized:  # quantized already, by quantize_marked
+            return scale, self.dequantized[src]
         key = (src, id(act))
         if key not in self.quantized_inputs:
             # torch.onnx merges equal ops (two pools of one tensor), so one tensor can feed
@@ -228,16 +232,17 @@ class _Rewriter:
             self.before[id(op)].extend(nodes)
             self.annotate(q, s, z)
             self.quantized_inputs[key] = f"{base}_dq"
+            self.dequantized[f"{base}_dq"] = src
         op.input[index] = self.quantized_inputs[key]
         return scale, src
 
-    def quantize_standalone(self, acts: list[tuple[str, FakeQuantAct]]) -> None:
-        """Replace the float export's QuantizeLinear/DequantizeLinear pairs (one per standalone
+    def quantize_marked(self, acts: list[tuple[str, FakeQuantAct]]) -> None:
+        """Replace the float export's QuantizeLinear/DequantizeLinear pairs (one per marked
         quantizer, in graph order) by ours, and drop the constants that fed them."""
         pairs = [(q, self.consumers[q.output[0]]) for q in self.graph.node if q.op_type == "QuantizeLinear"]
         if len(pairs) != len(acts) or any(len(d) != 1 or d[0].op_type != "DequantizeLinear" for _, d in pairs):
             raise ExportError(f"the float export holds {len(pairs)} quantize/dequantize pairs where the model "
-                              f"has {len(acts)} standalone quantizers ({', '.join(n for n, _ in acts)}); "
+                              f"has {len(acts)} marked quantizers ({', '.join(n for n, _ in acts)}); "
                               "export with integer_adds=False, or report the model")
         gone = []
         for (q, (dq,)), (name, act) in zip(pairs, acts):
@@ -307,14 +312,13 @@ def _build(final: torch.fx.GraphModule, example_inputs: Sequence[Any], opset: in
         raise ExportError(f"opset {opset} has no per-channel DequantizeLinear; use opset >= 13")
     layers = quant_layers(final)
     check_finite(final, ExportError, "fine-tuning diverged: export an earlier state")
-    for name, act in standalone_quantizers(final):
-        if act.bits != 8:
-            raise ExportError(f"quantizer '{name}' feeds no layer and has {act.bits} bits; the exporters write "
-                              "such quantizers (the operands of integer adds) at 8 bits only")
+    for name, act in marked_quantizers(final):
+        if act.bits > 8:
+            raise ExportError(f"quantizer '{name}': {act.bits}-bit activations do not fit the uint8 QDQ format")
     twin = _float_twin(final).cpu().float()  # a float32 graph whatever the model's dtype (scales are fp32)
     model = _torch_onnx(twin, example_inputs, opset)
     rw = _Rewriter(model)
-    rw.quantize_standalone(standalone_quantizers(final))
+    rw.quantize_marked(marked_quantizers(final))
     act_names = {id(m): n for n, m in final.named_modules()}
     rows = []
     for name, (layer, act) in layers.items():

@@ -45,9 +45,10 @@ class SearchConfig:
     sampling: "softmax" (with temperature), "hard" (argmax forward, softmax gradient) or "gumbel".
     exclude: module names or types kept in float and out of the search.
     leaf_modules: extra module types that the tracer keeps whole.
-    integer_adds: also quantize both operands of every element-wise add/sub of two computed
-        tensors (residual adds) at a fixed 8 bits, not searched and not priced, so that the
-        layers feeding them write integers: onnxruntime then runs every such convolution as
+    integer_adds: the operands of every element-wise add/sub of two computed tensors
+        (residual adds) are quantized too: through the tensor's own (searched) quantizer
+        where layers read it, else at a fixed 8 bits (not searched, not priced). Every
+        tensor then has one integer precision, and onnxruntime runs every convolution as
         int8 QLinearConv instead of float (see README, Deployment).
     """
 

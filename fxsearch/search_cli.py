@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sampling", choices=("softmax", "hard", "gumbel"), default="hard",
       help="how the search draws precisions (default hard: argmax forward, softmax gradient)")
     a("--integer-adds", action="store_true",
-      help="quantize the operands of residual adds at 8 bits (fixed, unpriced) so that every "
-           "convolution feeding one runs in int8 in onnxruntime (see README, Deployment)")
+      help="quantize the operands of residual adds too (the tensor's own quantizer, else a fixed "
+           "8-bit one) so that onnxruntime runs every convolution in int8 (see README, Deployment)")
     a("--baselines", type=_baselines, default=list(BASELINES), metavar="LIST",
       help="uniform baselines trained for the same epochs (default w8a8,w4a8,w2a8; 'none')")
     a("--sequential", action="store_true",

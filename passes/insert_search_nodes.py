@@ -4,8 +4,9 @@
 - one `q_<tensor>` node (ActSearch under `fxs_act`) after every tensor that feeds a
   searchable layer: activation precision choice, PACT clip, pruning mask;
 - every searchable layer is swapped for its search class and called as `layer(q_x, theta_g)`;
-- with `integer_adds`, one `qadd_<tensor>` node (ActSearch at 8 bits, under `fxs_add`) on
-  each operand of an element-wise add/sub of two computed tensors.
+- with `integer_adds`, each operand of an element-wise add/sub of two computed tensors is
+  read through its tensor's `q_` node, or a new `qadd_<tensor>` node (ActSearch at 8 bits,
+  under `fxs_add`) where no layer reads the tensor.
 """
 from __future__ import annotations
 
@@ -110,21 +111,22 @@ class InsertSearchNodesPass(PassBase):
                 parent, _, leaf = node.target.rpartition(".")
                 setattr(gm.get_submodule(parent) if parent else gm, leaf, search)
         if cfg.integer_adds:
-            self._quantize_adds(gm, analysis, thetas, last_theta)
+            self._quantize_adds(gm, analysis, thetas, last_theta, quantized)
         graph.lint()
         gm.recompile()
         return PassResult(gm, True)
 
-    def _quantize_adds(self, gm, analysis, thetas, last_theta) -> None:
-        """An 8-bit quantizer on each operand of every qualifying add (one per tensor)."""
+    def _quantize_adds(self, gm, analysis, thetas, last_theta, quantized) -> None:
+        """Each operand of every qualifying add read through its tensor's quantizer: the one
+        its layers read (`quantized`: one tensor, one precision, as integer hardware stores
+        it), else a new 8-bit one."""
         gm.add_submodule("fxs_add", nn.ModuleDict())
-        quantized: dict[torch.fx.Node, torch.fx.Node] = {}
         for node in list(gm.graph.nodes):
             operands = _add_operands(node)
             if operands is None:
                 continue
             for x in operands:
-                if x not in quantized:
+                if quantized.get(x, x) is x:
                     quantized[x] = self._insert_act(gm, "fxs_add", "qadd", x, INTEGER_ADD_BITS, analysis,
                                                     thetas, last_theta)
             node.args = tuple(quantized[x] for x in operands)

@@ -1,5 +1,5 @@
-"""integer_adds: 8-bit quantizers on the operands of residual adds (search model, finalize,
-export), and what they are for: onnxruntime runs the convolutions feeding the adds in int8."""
+"""integer_adds: the operands of residual adds quantized (search model, finalize, export),
+and what it is for: onnxruntime runs every convolution of a ResNet in int8."""
 from __future__ import annotations
 
 import json
@@ -37,19 +37,21 @@ def _operands(sm: torch.fx.GraphModule, targets=(operator.add, operator.sub, ope
     return [a for n in sm.graph.nodes if n.op == "call_function" and n.target in targets for a in n.args]
 
 
-def test_every_residual_add_reads_two_fixed_8bit_quantizers():
+def test_residual_adds_read_their_operands_quantized():
+    """An operand that layers read too goes through their (searched) quantizer; one that only
+    the add reads gets a fixed 8-bit quantizer of its own."""
     x = M.example_input(4)
     sm = fxsearch.convert(M.Residual(), (x,), integer_adds=True)
     operands = _operands(sm)
-    assert len(operands) == 4
+    assert len(operands) == 4 and all(a.op == "call_module" for a in operands)
     quantizers = {a.target: sm.get_submodule(a.target) for a in operands}
-    assert all(t.startswith("fxs_add.") for t in quantizers)
-    assert len(quantizers) == 4 == len(_add_quantizers(sm))  # one per tensor
-    for name, q in quantizers.items():
-        assert isinstance(q, ActSearch) and q.precisions == (8,) and not q.alpha.requires_grad
-    # signed after BatchNorm, unsigned after ReLU (the identity shortcut)
-    assert {n: q.signed for n, q in quantizers.items()} == {
-        "fxs_add.b1_bn2": True, "fxs_add.relu": False, "fxs_add.b2_bn2": True, "fxs_add.b2_short": True}
+    assert all(isinstance(q, ActSearch) for q in quantizers.values())
+    # (precisions, signed): the identity shortcut is the stem's ReLU output, which b1_conv1 reads
+    assert {n: (q.precisions, q.signed) for n, q in quantizers.items()} == {
+        "fxs_add.b1_bn2": ((8,), True), "fxs_act.relu": ((2, 4, 8), False),
+        "fxs_add.b2_bn2": ((8,), True), "fxs_add.b2_short": ((8,), True)}
+    assert _add_quantizers(sm) == ["fxs_add.b1_bn2", "fxs_add.b2_bn2", "fxs_add.b2_short"]
+    assert not any(sm.get_submodule(n).alpha.requires_grad for n in _add_quantizers(sm))
     assert not _add_quantizers(fxsearch.convert(M.Residual(), (x,)))
 
 
@@ -130,12 +132,11 @@ def test_export_quantizes_the_add_operands_and_agrees_with_onnxruntime(model_cls
     tags = {p.value for n in graph.node for p in n.metadata_props if p.key == "ai.fxsearch.quantizer"}
     adds = {n for n, m in final.named_modules() if n.startswith("fxs_add.")}
     assert adds and adds <= tags  # each add quantizer is in the file, found by name
-    add_dq = {n.output[0] for n in graph.node for p in n.metadata_props
-              if p.key == "ai.fxsearch.quantizer" and p.value.startswith("fxs_add.")}
-    integer_adds = [n for n in graph.node if set(n.input) & add_dq]
+    dq = {n.output[0]: p.value for n in graph.node for p in n.metadata_props if p.key == "ai.fxsearch.quantizer"}
+    integer_adds = [n for n in graph.node if any(dq.get(i, "").startswith("fxs_add.") for i in n.input)]
     assert integer_adds
-    for node in integer_adds:  # each reads both operands dequantized, from add quantizers
-        assert node.op_type in ("Add", "Sub") and set(node.input) <= add_dq, node.name
+    for node in integer_adds:  # each reads both operands dequantized
+        assert node.op_type in ("Add", "Sub") and set(node.input) <= set(dq), node.name
     assert not [n for n in graph.node if n.op_type == "Cast"]  # torch.onnx's placeholders are gone
     summary = json.loads({p.key: p.value for p in model.metadata_props}["ai.fxsearch.summary"])
     assert summary["format"] == fmt
@@ -152,8 +153,7 @@ def _onnxruntime_ops(path) -> list[str]:
 
 def test_onnxruntime_runs_the_convolutions_feeding_residual_adds_in_int8(tmp_path):
     """ResNet-8 has 9 convolutions: without integer adds the stem, the 3 second convolutions
-    of the blocks and the 2 projection shortcuts run in float; with them only the stem does
-    (its output feeds two quantizers, so no single QuantizeLinear follows it)."""
+    of the blocks and the 2 projection shortcuts run in float; with them none does."""
     x = torch.randn(1, 3, 32, 32)
     ops = {}
     for integer in (False, True):
@@ -166,7 +166,7 @@ def test_onnxruntime_runs_the_convolutions_feeding_residual_adds_in_int8(tmp_pat
         names = _onnxruntime_ops(tmp_path / f"{integer}.onnx")
         ops[integer] = (names.count("QLinearConv"), sum(n in ("Conv", "FusedConv") for n in names))
     assert ops[False] == (3, 6)
-    assert ops[True] == (8, 1)
+    assert ops[True] == (9, 0)
 
 
 def test_option_is_checked_saved_and_reaches_the_cli(tmp_path):
@@ -175,7 +175,7 @@ def test_option_is_checked_saved_and_reaches_the_cli(tmp_path):
     sm = fxsearch.convert(M.Residual(), (M.example_input(),), integer_adds=True)
     fxsearch.save(sm, tmp_path / "c.pt", model_ref="models:Residual")
     loaded = fxsearch.load(tmp_path / "c.pt")
-    assert loaded.config.integer_adds and len(_add_quantizers(loaded)) == 4
+    assert loaded.config.integer_adds and len(_add_quantizers(loaded)) == 3
     out = tmp_path / "run"
     done = cli(*TINY_RUN, "--baselines", "none", "--integer-adds", "--out", str(out))
     assert done.returncode == 0, done.stderr
