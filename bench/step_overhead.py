@@ -15,7 +15,7 @@ Targets (issue 7): time ratio <= 1.3, peak memory ratio <= 1.5.
 With --breakdown, more pairs of steps are run with a clock between the phases (forward, cost,
 backward, optimiser) and their medians printed: where the search step's extra time goes.
 
-    python bench/step_overhead.py [--device cuda] [--threads 2] [--pairs 20] [--models resnet8,dscnn] [--breakdown]
+    python bench/step_overhead.py [--device cuda] [--threads 2] [--pairs 20] [--models resnet8,dscnn] [--breakdown] [--integer-adds]
 """
 from __future__ import annotations
 
@@ -113,14 +113,15 @@ def peak_step_bytes(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> int:
     return trainer.live_bytes() + x.numel() * x.element_size() + y.numel() * y.element_size() + grown
 
 
-def measure(name: str, device: str, pairs: int, breakdown: bool = False) -> dict:
+def measure(name: str, device: str, pairs: int, breakdown: bool = False, **options) -> dict:
     factory, shape, classes = CASES[name]
     torch.manual_seed(0)
     x = torch.randn(BATCH, *shape, device=device)
     y = torch.randint(0, classes, (BATCH,), device=device)
     trainers = {"float": Trainer(factory().to(device).train()),
-                "eager": Trainer(fxsearch.convert(factory(), (x[:8].cpu(),)).to(device).train()),
-                "fused": Trainer(fxsearch.convert(factory(), (x[:8].cpu(),)).fuse_quantizers().to(device).train())}
+                "eager": Trainer(fxsearch.convert(factory(), (x[:8].cpu(),), **options).to(device).train()),
+                "fused": Trainer(fxsearch.convert(factory(), (x[:8].cpu(),), **options).fuse_quantizers()
+                                 .to(device).train())}
     for t in trainers.values():  # warm-up (optimiser state, allocator, lazy init)
         t.step(x, y)
         t.step(x, y)
@@ -156,6 +157,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
     parser.add_argument("--pairs", type=int, default=20, help="alternating float/search step pairs")
     parser.add_argument("--models", default=",".join(CASES))
+    parser.add_argument("--integer-adds", action="store_true", help="convert with integer_adds=True")
     parser.add_argument("--breakdown", action="store_true",
                         help="also print the median ms of each phase (forward, cost, backward, optimiser)")
     args = parser.parse_args()
@@ -165,7 +167,7 @@ def main() -> None:
     print(f"{'model':<10} {'float ms':>9} {'eager ms':>9} {'x':>5} {'fused ms':>9} {'x':>5} "
           f"{'float MiB':>10} {'eager MiB':>10} {'x':>5} {'fused MiB':>10} {'x':>5}")
     for name in args.models.split(","):
-        r = measure(name, args.device, args.pairs, args.breakdown)
+        r = measure(name, args.device, args.pairs, args.breakdown, integer_adds=args.integer_adds)
         print(f"{r['model']:<10} {r['float_ms']:>9.1f} {r['eager_ms']:>9.1f} {r['eager_x']:>5.2f} "
               f"{r['fused_ms']:>9.1f} {r['fused_x']:>5.2f} {r['float_mib']:>10.1f} {r['eager_mib']:>10.1f} "
               f"{r['eager_mem_x']:>5.2f} {r['fused_mib']:>10.1f} {r['fused_mem_x']:>5.2f}", flush=True)

@@ -83,7 +83,8 @@ class _QuantizerMark(nn.Module):
 
     def __init__(self, act: FakeQuantAct):
         super().__init__()
-        self.scale, self.zero_point = act.scale_zero_point()
+        scale, zero_point = act.scale_zero_point()  # only a placeholder: any valid grid will do
+        self.scale, self.zero_point = scale, min(max(zero_point, 0), 255)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
