@@ -313,13 +313,14 @@ def _build(final: torch.fx.GraphModule, example_inputs: Sequence[Any], opset: in
         raise ExportError(f"opset {opset} has no per-channel DequantizeLinear; use opset >= 13")
     layers = quant_layers(final)
     check_finite(final, ExportError, "fine-tuning diverged: export an earlier state")
-    for name, act in marked_quantizers(final):
+    marked = marked_quantizers(final)
+    for name, act in marked:
         if act.bits > 8:
             raise ExportError(f"quantizer '{name}': {act.bits}-bit activations do not fit the uint8 QDQ format")
     twin = _float_twin(final).cpu().float()  # a float32 graph whatever the model's dtype (scales are fp32)
     model = _torch_onnx(twin, example_inputs, opset)
     rw = _Rewriter(model)
-    rw.quantize_marked(marked_quantizers(final))
+    rw.quantize_marked(marked)
     act_names = {id(m): n for n, m in final.named_modules()}
     rows = []
     for name, (layer, act) in layers.items():
