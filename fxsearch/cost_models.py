@@ -50,9 +50,16 @@ FLOAT_BITS = 32  # activation bit-width assumed for inputs left in float (bitops
 
 
 # ---- the per-layer description every cost model reads ---------------------------------
+_PRECISION_VECTORS: dict[tuple, torch.Tensor] = {}
+
+
 def _expect(precisions: Sequence[int], theta: torch.Tensor) -> torch.Tensor:
-    """sum_p theta[p] * p over dim 0 (scalar weights: no host-to-device copy per call)."""
-    return sum((p * theta[i] for i, p in enumerate(precisions) if p), torch.zeros_like(theta[0]))
+    """sum_p theta[p] * p over dim 0, one product with the precisions as a vector (made once
+    per device and dtype: no host-to-device copy per call)."""
+    key = (tuple(precisions), theta.device, theta.dtype)
+    if key not in _PRECISION_VECTORS:
+        _PRECISION_VECTORS[key] = torch.tensor(precisions, dtype=theta.dtype, device=theta.device)
+    return _PRECISION_VECTORS[key] @ theta
 
 
 class LayerGeometry:
@@ -110,7 +117,9 @@ class CostLayer(LayerGeometry):
     @property
     def in_per_group(self) -> torch.Tensor:
         """Expected input channels each output channel reads: C_in_eff / g (depthwise: 1)."""
-        return torch.ones_like(self.c_in_eff) if self.depthwise else self.c_in_eff / self.groups
+        if self.depthwise:
+            return torch.ones_like(self.c_in_eff)
+        return self.c_in_eff if self.groups == 1 else self.c_in_eff / self.groups
 
     @property
     def act_choices(self) -> tuple[tuple[int, ...], torch.Tensor]:
@@ -385,7 +394,14 @@ def _choice_theta(choice: nn.Module, discrete: bool, dtype: torch.dtype | None) 
         theta = torch.softmax(logits / choice.temperature, dim=0)
     else:
         theta = choice.theta()
-    return theta.to(dtype or logits.dtype)
+    return theta if dtype in (None, theta.dtype) else theta.to(dtype)
+
+
+def take_units(t: torch.Tensor, units: torch.Tensor | int) -> torch.Tensor:
+    """t[..., units] for units as LayerSpec.indices gives them (a count n: the first n, a view)."""
+    if not isinstance(units, int):
+        return t[..., units]
+    return t if t.shape[-1] == units else t[..., :units]
 
 
 def search_layers(model: torch.fx.GraphModule, discrete: bool = False) -> list[CostLayer]:
@@ -401,21 +417,32 @@ def search_layers(model: torch.fx.GraphModule, discrete: bool = False) -> list[C
             thetas[name] = _choice_theta(model.get_submodule(name), discrete, dtype)
         return thetas[name]
 
+    pruned: dict[tuple[str, Any], torch.Tensor] = {}
+
+    def expected_pruned(name: str, units) -> torch.Tensor:
+        """Expected number of 0-bit units among `units` of choice `name` (shared by the layers
+        that read the same channels)."""
+        key = (name, units if isinstance(units, int) else id(units))
+        if key not in pruned:
+            t = theta(name)
+            pruned[key] = take_units(t[model.get_submodule(name).precisions.index(0)], units).sum()
+        return pruned[key]
+
     layers = []
     for spec in specs:
         choice = model.get_submodule(spec.choice)
         w_theta = theta(spec.choice)
         unit_index, in_fixed, in_terms = spec.indices(w_theta.device)
-        c_in = w_theta.new_full((), float(in_fixed))
-        for name, units in in_terms:
-            t = theta(name)
-            c_in = c_in + (1 - t[model.get_submodule(name).precisions.index(0), units]).sum()
+        # C_in_eff = always-alive channels + the prunable ones less their expected pruned count
+        c_in = float(in_fixed + sum(u if isinstance(u, int) else len(u) for _, u in in_terms))
+        dead = [expected_pruned(name, units) for name, units in in_terms]
+        c_in = c_in - (dead[0] if len(dead) == 1 else sum(dead)) if dead else w_theta.new_full((), c_in)
         act = model.get_submodule(spec.act) if spec.act is not None else None
         layers.append(CostLayer(
             name=spec.name, kind=spec.kind, kernel=spec.kernel, groups=spec.groups,
             depthwise=spec.depthwise, in_channels=spec.in_channels, out_channels=spec.out_channels,
             out_spatial=spec.out_spatial, w_precisions=tuple(choice.precisions),
-            w_theta=w_theta[:, unit_index], c_in_eff=c_in,
+            w_theta=take_units(w_theta, unit_index), c_in_eff=c_in,
             a_precisions=tuple(act.precisions) if act is not None else None,
             a_theta=theta(spec.act) if act is not None else None,
             count_weights=spec.count_weights,

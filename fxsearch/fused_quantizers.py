@@ -17,7 +17,7 @@ import warnings
 import torch
 import torch.fx.experimental._config as fx_config
 
-from .quantizers import _saturates, act_scale_zero_point
+from .quantizers import _saturates, act_grid
 
 _FAILED: list[str] = []  # the first compile error, once compiling has failed
 
@@ -150,8 +150,7 @@ class FusedActQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lo, hi, theta, bits, mask=None):
         from .quantizers import MixedActQuant
-        scale, zp = act_scale_zero_point(lo, hi, bits)
-        levels = 2 ** bits - 1
+        scale, zp, levels = act_grid(lo, hi, bits)
         shape = _shape_3d(x, mask)
         out = None if shape is None else _run("act_forward", _act_forward, x, shape, lo, hi, scale, zp, levels,
                                               scale * theta, mask)

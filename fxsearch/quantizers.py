@@ -22,17 +22,6 @@ def _stacked(v: torch.Tensor, dim: int) -> torch.Tensor:
     return v.reshape(*v.shape, *([1] * (dim + 1 - v.dim())))
 
 
-def _sum_rows(t: torch.Tensor) -> torch.Tensor:
-    """0 + t[0] + t[1] + ... in this order: the floats of accumulating the rows into zeros
-    (a -0.0 sum comes out 0.0), in fewer passes than Tensor.sum(0) takes time."""
-    if len(t) < 2:
-        return t.new_zeros(t.shape[1:]) if len(t) == 0 else t[0] + 0.0
-    out = t[0] + t[1]
-    for row in t[2:]:
-        out.add_(row)
-    return out.add_(0.0)
-
-
 def _bounds(lo: torch.Tensor, hi: torch.Tensor, x: torch.Tensor) -> tuple:
     """Clip bounds as Python floats on CPU (scalar kernels are several times faster than
     tensor-bound ones), as tensors elsewhere (no host sync)."""
@@ -53,7 +42,7 @@ class MixedWeightQuant(torch.autograd.Function):
     def forward(ctx, w, theta, bits):  # theta (P, C_out) for the non-zero precisions in `bits`
         scale = weight_absmax(w) / (2.0 ** (bits - 1) - 1).unsqueeze(1)  # (P, C_out)
         s = _stacked(scale, w.dim())
-        out = _sum_rows(torch.div(w, s).round_().mul_(s).mul_(_stacked(theta, w.dim())))
+        out = torch.div(w, s).round_().mul_(s).mul_(_stacked(theta, w.dim())).sum(0)
         ctx.save_for_backward(w, theta, scale)
         return out
 
@@ -91,11 +80,18 @@ def fake_quant_weight(w: torch.Tensor, bits: torch.Tensor, theta: torch.Tensor, 
     return MixedWeightQuant.apply(w, theta, bits)
 
 
-def act_scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniform grid of 2^b levels over [lo, hi] with an integer zero point (0 is exact)."""
-    scale = (hi - lo).clamp_min(EPS) / (2 ** bits - 1)
+def act_grid(lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uniform grid of 2^b levels over [lo, hi] with an integer zero point (0 is exact):
+    (scale, zero point, top code 2^b - 1), one entry per bit-width in `bits`."""
+    levels = 2 ** bits - 1
+    scale = (hi - lo).clamp_min(EPS) / levels
     zero_point = torch.round(-lo.detach() / scale.detach())
-    return scale, zero_point
+    return scale, zero_point, levels
+
+
+def act_scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) of act_grid."""
+    return act_grid(lo, hi, bits)[:2]
 
 
 def _saturates(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, levels: torch.Tensor) -> bool:
@@ -103,7 +99,12 @@ def _saturates(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, zp: torc
 
     round(y / s) is monotonic in y, so the codes of the clip bounds decide for every y in
     [lo, hi]; they leave the range only at rounding ties or float error near the bounds.
+    With lo = 0 < hi (unsigned quantizers) they cannot: zp = 0 and hi / s is within a few ulp
+    of 2^p - 1 (or below it where hi - lo < EPS), which rounds to 2^p - 1; decided from the
+    two numbers on the CPU, without the dozen small ops of the general test.
     """
+    if lo.device.type == "cpu" and float(lo) == 0.0 and float(hi) > 0.0:
+        return False
     ends = torch.round(torch.stack([lo, hi]).unsqueeze(1) / scale) + zp  # (2, P)
     return bool(((ends < 0) | (ends > levels)).any() | (lo > hi))
 
@@ -123,8 +124,7 @@ class MixedActQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lo, hi, theta, bits, mask=None):
-        scale, zp = act_scale_zero_point(lo, hi, bits)
-        levels = 2 ** bits - 1
+        scale, zp, levels = act_grid(lo, hi, bits)
         if not any(ctx.needs_input_grad) and bool((theta == 0).any()):  # inference: skip idle precisions
             keep = theta != 0
             scale, zp, levels, theta = scale[keep], zp[keep], levels[keep], theta[keep]
@@ -133,10 +133,11 @@ class MixedActQuant(torch.autograd.Function):
         codes = torch.div(torch.clamp(x, *_bounds(lo, hi, x)), _stacked(scale, x.dim())).round_()
         if saturates:
             codes.clamp_(_stacked(-zp, x.dim()), _stacked(levels - zp, x.dim()))
-        out = _sum_rows(codes.mul_(_stacked(scale * theta, x.dim())))
+        out = codes.mul_(_stacked(scale * theta, x.dim())).sum(0)
         if mask is not None:
             out.mul_(mask)
         ctx.saturates = saturates
+        ctx.grid = scale, zp, levels  # three numbers per precision; backward reuses them
         ctx.save_for_backward(x, lo, hi, theta, bits, mask)
         return out
 
@@ -144,8 +145,7 @@ class MixedActQuant(torch.autograd.Function):
     def backward(ctx, grad):
         x, lo, hi, theta, bits, mask = ctx.saved_tensors
         need_x, need_lo, need_hi, need_theta, _, need_mask = ctx.needs_input_grad
-        scale, zp = act_scale_zero_point(lo, hi, bits)
-        levels = 2 ** bits - 1
+        scale, zp, levels = ctx.grid
         d, P = x.dim(), len(bits)
         # Rows of one stacked buffer, each summed against grad in one pass: the codes Q_p / s_p,
         # then y, [x > hi], [x < lo] restricted to unsaturated codes (one row each when no code
@@ -199,11 +199,12 @@ def fake_quant_act(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: to
     fused: compiled loops (fxsearch.fused_quantizers), same values."""
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    mask = None if mask is None else mask.to(x.dtype)
+    lo, hi, theta, bits, mask = (t if t is None or t.dtype == x.dtype else t.to(x.dtype)
+                                 for t in (lo, hi, theta, bits, mask))
     fn = MixedActQuant
     if _fused(fused, x):
         from .fused_quantizers import FusedActQuant as fn
-    return fn.apply(x, lo.to(x.dtype), hi.to(x.dtype), theta.to(x.dtype), bits.to(x.dtype), mask)
+    return fn.apply(x, lo, hi, theta, bits, mask)
 
 
 def sample_choice(logits: torch.Tensor, temperature: float, mode: str, training: bool) -> torch.Tensor:

@@ -92,6 +92,8 @@ class ActSearch(_Choice):
         for k, (pos, units) in enumerate(mask_plan):
             index[pos] = offsets[k] + units
         self.register_buffer("mask_index", index.view(self.mask_shape), persistent=False)
+        # the common case, position k holds unit k of one group: the mask is a view of 1 - theta[0]
+        self.mask_is_view = len(mask_plan) == 1 and torch.equal(index, torch.arange(mask_units[0]))
 
     def quantize(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """sum_p theta_a[p] * Q_p(x), times `mask` (in the same pass) if given."""
@@ -99,6 +101,8 @@ class ActSearch(_Choice):
 
     def mask(self, thetas: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """1 - theta[0] of the unit each position holds, 1 where it holds no prunable channel."""
+        if self.mask_is_view:
+            return (1 - thetas[0][0]).view(self.mask_shape)
         dead = torch.cat([theta[0] for theta in thetas] + [thetas[0].new_zeros(1)])
         return (1 - dead)[self.mask_index]
 
@@ -127,7 +131,8 @@ class WeightSearchMixin:
 
     def effective_params(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         t = self.channel_theta(theta).to(self.weight.dtype)
-        weight = fake_quant_weight(self.weight, self.bits, t[self.nonzero_rows], self.fused)
+        rows = t if self.zero_row is None else t[1:] if self.zero_row == 0 else t[self.nonzero_rows]  # a view if it can
+        weight = fake_quant_weight(self.weight, self.bits, rows, self.fused)
         bias = self.bias
         if bias is not None and self.zero_row is not None:
             bias = bias * (1 - t[self.zero_row])

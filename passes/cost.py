@@ -55,14 +55,22 @@ class LayerSpec(LayerGeometry):
         """Input channels that are always alive."""
         return int((self.in_group < 0).sum())
 
-    def indices(self, device: torch.device) -> tuple[torch.Tensor, int, list[tuple[str, torch.Tensor]]]:
+    def indices(self, device: torch.device) -> tuple[torch.Tensor | int, int, list[tuple[str, torch.Tensor | int]]]:
         """unit_index, in_fixed and [(GroupChoice, units of the prunable input channels)] on
-        ``device`` (cached: the cost is evaluated at every training step)."""
+        ``device``, each set of units as an index tensor or, where it is units 0..n-1 in order
+        (the usual case), as the count n: a slice then, no gather (cost_models.take_units;
+        cached: the cost is evaluated at every training step)."""
         if device not in self._on_device:
-            terms = [(self.in_choices[g], self.in_unit[self.in_group == g].to(device))
+            terms = [(self.in_choices[g], _units(self.in_unit[self.in_group == g], device))
                      for g in torch.unique(self.in_group[self.in_group >= 0]).tolist()]
-            self._on_device[device] = (self.unit_index.to(device), self.in_fixed, terms)
+            self._on_device[device] = (_units(self.unit_index, device), self.in_fixed, terms)
         return self._on_device[device]
+
+
+def _units(index: torch.Tensor, device: torch.device) -> torch.Tensor | int:
+    """`index` on `device`, or its length where it is 0, 1, ..., n-1."""
+    n = len(index)
+    return n if torch.equal(index, torch.arange(n, dtype=index.dtype)) else index.to(device)
 
 
 def _out_shape(node: torch.fx.Node) -> tuple[int, ...]:
