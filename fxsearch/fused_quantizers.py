@@ -17,24 +17,9 @@ import warnings
 import torch
 import torch.fx.experimental._config as fx_config
 
-from .quantizers import _saturates, act_grid
+from .quantizers import _saturates, act_grid, weight_absmax
 
 _FAILED: list[str] = []  # the first compile error, once compiling has failed
-
-
-def _view(v: torch.Tensor, d: int) -> torch.Tensor:
-    """(P,) -> (P, 1, ..., 1) against a stacked (P, *shape) of rank-d tensors."""
-    return v.reshape(-1, *([1] * d))
-
-
-def _act_codes(x, lo, hi, scale, zp, levels):
-    """y = clip(x, lo, hi); codes (P, *x.shape) clamped to each grid; where they were inside."""
-    d = x.dim()
-    y = torch.clamp(x, lo, hi)
-    t = torch.round(y.unsqueeze(0) / _view(scale, d))
-    cmin, cmax = _view(-zp, d), _view(levels - zp, d)
-    inside = ((t >= cmin) & (t <= cmax)).to(x.dtype)
-    return y, torch.clamp(t, cmin, cmax), inside
 
 
 def _in_order(term, count: int) -> torch.Tensor:
@@ -47,20 +32,42 @@ def _in_order(term, count: int) -> torch.Tensor:
 
 
 # The kernels take tensors as the caller holds them plus the shape to view them in: views made
-# outside would add guards on their bases, and a recompilation per layer.
-def _act_forward(x, shape, lo, hi, scale, zp, levels, scaled_theta, mask):
+# outside would add guards on their bases, and a recompilation per layer. Each returns what
+# autograd wants, the few per-precision numbers included: the small ops around a compiled
+# call would cost more than the loop (a dozen dispatches of a few microseconds each).
+def _act_forward(x, shape, lo, hi, bits, theta, mask):
+    """The quantized tensor and the grid (scale, zero point, top code) for the backward."""
     x = x.reshape(shape)
-    mask = None if mask is None else mask.reshape(1, shape[1], 1)
+    scale, zp, levels = act_grid(lo, hi, bits)
+    scaled_theta = scale * theta
     y = torch.clamp(x, lo, hi)
     out = _in_order(lambda p: torch.clamp(torch.round(y / scale[p]), -zp[p], levels[p] - zp[p]) * scaled_theta[p],
-                    len(scale))
-    return out if mask is None else out * mask
+                    len(bits))
+    return (out if mask is None else out * mask.reshape(1, shape[1], 1)), scale, zp, levels
+
+
+def _act_grads(x, grad, shape, lo, hi, scale, levels, theta, mask, live, q, ys, his, los):
+    """grad_x and the gradients of lo, hi, theta and the mask from the per-precision and
+    per-channel sums against grad (each (P, C), C the mask's dim of (A, C, R)) of the codes
+    and, where the code is inside its grid, of y, [x > hi], [x < lo]; `live` the factor of
+    grad_x where lo <= x <= hi."""
+    if mask is not None:
+        c = mask.reshape(1, shape[1], 1)
+        live = live * c
+        q_m, ys_m, his_m, los_m = ((v * c.reshape(1, -1)).sum(1) for v in (q, ys, his, los))
+    else:
+        q_m, ys_m, his_m, los_m = (v.sum(1) for v in (q, ys, his, los))
+    grad_x = torch.where((x >= lo) & (x <= hi), grad * live, 0)
+    d_scale = (q_m - ys_m / scale) * theta
+    grad_lo = -(d_scale / levels).sum() + (theta * los_m).sum()
+    grad_hi = (d_scale / levels).sum() + (theta * his_m).sum()
+    grad_mask = (q * (theta * scale).unsqueeze(1)).sum(0)
+    return grad_x, grad_lo, grad_hi, q_m * scale, grad_mask
 
 
 def _act_backward(x, grad, shape, lo, hi, scale, zp, levels, theta, mask):
-    """grad_x, and per precision and channel (mask's dim C of (A, C, R)) the sums against grad
-    of the codes, and of y, [x > hi], [x < lo] where the code is inside its grid: 4 x (P, C).
-    One term per precision, unrolled: no (P, ...) stack for the compiler to keep in memory."""
+    """All gradients (_act_grads) where codes may saturate: every sum per precision, over
+    the codes inside their grid. One term per precision, unrolled: no (P, ...) stack in memory."""
     x, grad = x.reshape(shape), grad.reshape(shape)
     y = torch.clamp(x, lo, hi)
     above, below = (x > hi).to(x.dtype), (x < lo).to(x.dtype)
@@ -72,37 +79,33 @@ def _act_backward(x, grad, shape, lo, hi, scale, zp, levels, theta, mask):
         live = live + inside * theta[p]
         for k, v in enumerate((torch.clamp(t, -zp[p], levels[p] - zp[p]) * grad, gi * y, gi * above, gi * below)):
             sums[k].append(v.sum((0, 2)))
-    if mask is not None:
-        live = live * mask.reshape(1, shape[1], 1)
-    grad_x = torch.where((x >= lo) & (x <= hi), grad * live, 0)
-    return grad_x, *[torch.stack(v) for v in sums]
+    return _act_grads(x, grad, shape, lo, hi, scale, levels, theta, mask, live, *[torch.stack(v) for v in sums])
 
 
-def _act_backward_inside(x, grad, shape, lo, hi, scale, live, need_hi: bool, need_lo: bool):
+def _act_backward_inside(x, grad, shape, lo, hi, scale, levels, theta, mask):
     """_act_backward where no code can saturate (every code is inside its grid, as for clip
-    ranges whose bounds are grid points): per channel, the sums against grad of the P codes,
-    then of y, [x > hi] (if need_hi), [x < lo] (if need_lo), a third of the general kernel's
-    work. live: the per-channel gradient factor sum_p theta[p] * mask, (C,)."""
+    ranges with lo = 0): y, [x > hi], [x < lo] are summed once, not once per precision."""
     x, grad = x.reshape(shape), grad.reshape(shape)
     y = torch.clamp(x, lo, hi)
-    terms = [torch.round(y / scale[p]) * grad for p in range(len(scale))] + [y * grad]
-    if need_hi:
-        terms.append((x > hi).to(x.dtype) * grad)
-    if need_lo:
-        terms.append((x < lo).to(x.dtype) * grad)
-    grad_x = torch.where((x >= lo) & (x <= hi), grad * live.reshape(1, shape[1], 1), 0)
-    return grad_x, torch.stack([t.sum((0, 2)) for t in terms])
+    q = torch.stack([(torch.round(y / scale[p]) * grad).sum((0, 2)) for p in range(len(scale))])
+    ys, his, los = ((v * grad).sum((0, 2)).expand_as(q)
+                    for v in (y, (x > hi).to(x.dtype), (x < lo).to(x.dtype)))
+    return _act_grads(x, grad, shape, lo, hi, scale, levels, theta, mask, theta.sum(), q, ys, his, los)
 
 
-def _weight_forward(w, k, scale, theta):  # w viewed (C, K), scale and theta (P, C)
+def _weight_forward(w, k, bits, theta):
+    """The quantized weight (w viewed (C, K), theta (P, C)) and its scales (P, C)."""
+    scale = weight_absmax(w) / (2.0 ** (bits - 1) - 1).unsqueeze(1)
     w = w.reshape(-1, k)
     s, t = scale.unsqueeze(2), theta.unsqueeze(2)
-    return _in_order(lambda p: torch.round(w / s[p]) * s[p] * t[p], len(scale))
+    return _in_order(lambda p: torch.round(w / s[p]) * s[p] * t[p], len(bits)), scale
 
 
-def _weight_grad_theta(w, grad, k, scale):
+def _weight_backward(w, grad, k, scale, theta):
+    """grad_w (straight through, times sum_p theta) and grad_theta = <grad_c, Q_p(W_c)>."""
     w, grad = w.reshape(-1, k), grad.reshape(-1, k)
-    return (torch.round(w.unsqueeze(0) / scale.unsqueeze(2)) * grad.unsqueeze(0)).sum(2) * scale
+    grad_theta = (torch.round(w.unsqueeze(0) / scale.unsqueeze(2)) * grad.unsqueeze(0)).sum(2) * scale
+    return grad * theta.sum(0).unsqueeze(1), grad_theta
 
 
 def _shape_3d(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[int, int, int] | None:
@@ -150,12 +153,11 @@ class FusedActQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lo, hi, theta, bits, mask=None):
         from .quantizers import MixedActQuant
-        scale, zp, levels = act_grid(lo, hi, bits)
         shape = _shape_3d(x, mask)
-        out = None if shape is None else _run("act_forward", _act_forward, x, shape, lo, hi, scale, zp, levels,
-                                              scale * theta, mask)
-        if out is None:
+        got = None if shape is None else _run("act_forward", _act_forward, x, shape, lo, hi, bits, theta, mask)
+        if got is None:
             return MixedActQuant.forward(ctx, x, lo, hi, theta, bits, mask)
+        out, scale, zp, levels = got
         ctx.save_for_backward(x, lo, hi, theta, bits, mask)
         ctx.fused = True
         ctx.grid = scale, zp, levels  # three numbers per precision; backward reuses them
@@ -172,30 +174,18 @@ class FusedActQuant(torch.autograd.Function):
         scale, zp, levels = ctx.grid
         shape = _shape_3d(x, mask) if mask is not None else (x.numel(), 1, 1)
         if ctx.saturates:
-            got = _run("act_backward", _act_backward, x, grad.contiguous(), shape, lo, hi, scale, zp, levels, theta,
-                       mask)
+            got = _run("act_backward", _act_backward, x, grad.contiguous(), shape, lo, hi, scale, zp, levels,
+                       theta, mask)
         else:
-            live = theta.sum().expand(shape[1]) if mask is None else theta.sum() * mask.reshape(-1)
-            got = _run("act_backward_inside", _act_backward_inside, x, grad.contiguous(), shape, lo, hi, scale, live,
-                       need_hi, need_lo)
+            got = _run("act_backward_inside", _act_backward_inside, x, grad.contiguous(), shape, lo, hi, scale,
+                       levels, theta, mask)
         if got is None:
             ctx.saturates = True  # the general path: right whether or not a code saturates
             return MixedActQuant.backward(ctx, grad)
-        if ctx.saturates:
-            grad_x, per_channel = got[0], torch.stack(got[1:])  # (4, P, C)
-        else:  # rows P codes, y, [x > hi], [x < lo]: the last three the same for every precision
-            grad_x, rows = got
-            P = len(scale)
-            zeros = rows.new_zeros(rows.shape[1:])
-            extra = [rows[P], rows[P + 1] if need_hi else zeros, rows[-1] if need_lo else zeros]
-            per_channel = torch.stack([rows[:P]] + [e.expand(P, -1) for e in extra])
-        q, ys, his, los = per_channel.sum(2) if mask is None else (per_channel * mask.reshape(1, 1, -1)).sum(2)
-        d_scale = (q - ys / scale) * theta
-        return (grad_x.view(x.shape) if need_x else None,
-                -(d_scale / levels).sum() + (theta * los).sum() if need_lo else None,
-                (d_scale / levels).sum() + (theta * his).sum() if need_hi else None,
-                q * scale if need_theta else None, None,
-                (per_channel[0] * (theta * scale).unsqueeze(1)).sum(0).reshape(mask.shape) if need_mask else None)
+        grad_x, grad_lo, grad_hi, grad_theta, grad_mask = got
+        return (grad_x.view(x.shape) if need_x else None, grad_lo if need_lo else None,
+                grad_hi if need_hi else None, grad_theta if need_theta else None, None,
+                grad_mask.reshape(mask.shape) if need_mask else None)
 
 
 class FusedWeightQuant(torch.autograd.Function):
@@ -203,11 +193,11 @@ class FusedWeightQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, theta, bits):
-        from .quantizers import MixedWeightQuant, weight_absmax
-        scale = weight_absmax(w) / (2.0 ** (bits - 1) - 1).unsqueeze(1)
-        out = _run("weight_forward", _weight_forward, w, w[0].numel(), scale, theta)
-        if out is None:
+        from .quantizers import MixedWeightQuant
+        got = _run("weight_forward", _weight_forward, w, w[0].numel(), bits, theta)
+        if got is None:
             return MixedWeightQuant.forward(ctx, w, theta, bits)
+        out, scale = got
         ctx.save_for_backward(w, theta, scale)
         return out.view(w.shape)
 
@@ -215,10 +205,9 @@ class FusedWeightQuant(torch.autograd.Function):
     def backward(ctx, grad):
         from .quantizers import MixedWeightQuant
         w, theta, scale = ctx.saved_tensors
-        grad_theta = None
-        if ctx.needs_input_grad[1]:
-            grad_theta = _run("weight_grad_theta", _weight_grad_theta, w, grad.contiguous(), w[0].numel(), scale)
-            if grad_theta is None:
-                return MixedWeightQuant.backward(ctx, grad)
-        grad_w = grad * theta.sum(0).reshape(-1, *([1] * (w.dim() - 1))) if ctx.needs_input_grad[0] else None
-        return grad_w, grad_theta, None
+        got = _run("weight_backward", _weight_backward, w, grad.contiguous(), w[0].numel(), scale, theta)
+        if got is None:
+            return MixedWeightQuant.backward(ctx, grad)
+        grad_w, grad_theta = got
+        need_w, need_theta, _ = ctx.needs_input_grad
+        return grad_w.view(w.shape) if need_w else None, grad_theta if need_theta else None, None
