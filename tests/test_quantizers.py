@@ -123,3 +123,19 @@ def test_fused_quantizers_match_the_eager_ones(monkeypatch):
     assert torch.equal(results[0][0], results[1][0])
     for a, c in zip(results[0][1], results[1][1]):
         assert torch.allclose(a, c, rtol=1e-4, atol=1e-5)
+
+
+def test_unsigned_ranges_are_decided_not_to_saturate_as_the_general_test_finds():
+    """_saturates answers lo = 0 < hi from the two numbers (no code can leave its grid there);
+    the general test, on the grid the quantizers compute, agrees over hi spanning tiny
+    (below EPS, subnormal) to large, for 2..16 bits."""
+    torch.manual_seed(4)
+    bits = torch.arange(2.0, 17.0)
+    his = torch.cat([10 ** torch.empty(20000).uniform_(-12, 6), torch.tensor([1e-45, 1e-8, 1e-7, 0.5, 1.0, 255.0])])
+    lo = torch.tensor(0.0)
+    for hi in his:
+        scale, zp, levels = quantizers.act_grid(lo, hi, bits)
+        ends = torch.round(torch.stack([lo, hi]).unsqueeze(1) / scale) + zp
+        assert not bool(((ends < 0) | (ends > levels)).any()), float(hi)
+        assert not quantizers._saturates(lo, hi, scale, zp, levels)
+    assert quantizers._saturates(lo, torch.tensor(-1.0), *quantizers.act_grid(lo, torch.tensor(-1.0), bits))
