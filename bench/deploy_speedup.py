@@ -31,6 +31,7 @@ import torchvision
 
 import fxsearch
 from fxsearch.cost_models import count_cost
+from fxsearch.exporters.verify import optimized_ops
 from fxsearch.search_modules import ActSearch, GroupChoice
 from fxsearch.zoo import resnet8
 
@@ -82,13 +83,7 @@ def session(path: str, threads: int) -> ort.InferenceSession:
 
 def fused_ops(path: str) -> str:
     """The quantized ops onnxruntime runs after its graph optimisations (a check that it fused)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    with tempfile.TemporaryDirectory() as tmp:
-        options.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
-        ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        import onnx
-        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    ops = optimized_ops(path)
     return ", ".join(f"{op} x{ops.count(op)}" for op in ("QLinearConv", "QGemm", "FusedConv", "Conv", "Gemm")
                      if op in ops)
 

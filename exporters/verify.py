@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -55,6 +57,17 @@ class VerifyReport:
                 f"{self.worst_lsb:.2f} LSB, {100 * self.over_one_lsb:.3f}% of elements beyond 1 LSB; outputs "
                 f"up to {self.output_scale:.3g}: teacher-forced error {self.forced_error:.3g}, free-running "
                 f"error ({errs})")
+
+
+def optimized_ops(path: str) -> list[str]:
+    """The op types onnxruntime runs for the file at `path` after its graph optimisations
+    (ORT_ENABLE_ALL, CPU): where it fused Q/DQ pairs into QLinearConv, QLinearAdd and the like."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with tempfile.TemporaryDirectory() as tmp:
+        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
 
 
 def _session(model: onnx.ModelProto, level: str) -> ort.InferenceSession:

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import json
 import operator
-import os
-import tempfile
 import warnings
 
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
@@ -18,6 +14,7 @@ from torch.utils._pytree import tree_flatten
 import fxsearch
 from fxsearch.errors import ConfigError
 from fxsearch.exporters import export_onnx, verify_onnx
+from fxsearch.exporters.verify import optimized_ops
 from fxsearch.final_modules import FakeQuantAct
 from fxsearch.search_modules import ActSearch
 from fxsearch.zoo import resnet8
@@ -142,15 +139,6 @@ def test_export_quantizes_the_add_operands_and_agrees_with_onnxruntime(model_cls
     assert summary["format"] == fmt
 
 
-def _onnxruntime_ops(path) -> list[str]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    with tempfile.TemporaryDirectory() as tmp:
-        options.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
-
-
 def test_onnxruntime_runs_the_convolutions_feeding_residual_adds_in_int8(tmp_path):
     """ResNet-8 has 9 convolutions: without integer adds the stem, the 3 second convolutions
     of the blocks and the 2 projection shortcuts run in float; with them none does."""
@@ -163,7 +151,7 @@ def test_onnxruntime_runs_the_convolutions_feeding_residual_adds_in_int8(tmp_pat
         final = fxsearch.finalize(sm.eval())
         export_onnx(final, tmp_path / f"{integer}.onnx", (x,))
         assert verify_onnx(final, tmp_path / f"{integer}.onnx", (x,)).ok
-        names = _onnxruntime_ops(tmp_path / f"{integer}.onnx")
+        names = optimized_ops(tmp_path / f"{integer}.onnx")
         ops[integer] = (names.count("QLinearConv"), sum(n in ("Conv", "FusedConv") for n in names))
     assert ops[False] == (3, 6)
     assert ops[True] == (9, 0)
