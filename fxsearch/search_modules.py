@@ -49,7 +49,7 @@ class GroupChoice(_Choice):
         self.register_buffer("allowed", allowed)
 
     def logits(self) -> torch.Tensor:
-        return self.alpha.masked_fill(~self.allowed, float("-inf"))
+        return torch.where(self.allowed, self.alpha, float("-inf"))
 
     def forward(self) -> torch.Tensor:
         return self.theta()
