@@ -1,6 +1,6 @@
 """Search-step overhead: one training step of the search model versus the float model.
 
-A step is forward, loss, backward and optimiser step at batch 32: the float model with Adam;
+A step is forward, loss, backward and optimiser step at batch 32 (--batch): the float model with Adam;
 the search model as in the reference protocol (Adam on the weights, SGD with momentum on the
 choice parameters, loss = task + lambda * SearchModel.cost, the cost evaluated every step).
 Steps of the two alternate, so both see the same machine load; the time ratio is the median
@@ -15,7 +15,10 @@ Targets (issue 7): time ratio <= 1.3, peak memory ratio <= 1.5.
 With --breakdown, more pairs of steps are run with a clock between the phases (forward, cost,
 backward, optimiser) and their medians printed: where the search step's extra time goes.
 
-    python bench/step_overhead.py [--device cuda] [--threads 2] [--pairs 20] [--models resnet8,dscnn] [--breakdown] [--integer-adds]
+    python bench/step_overhead.py [--device cuda] [--threads 2] [--pairs 20] [--models resnet8,dscnn] [--breakdown] [--integer-adds] [--batch 32]
+
+At --batch 1 the tensors are small and the ratio shows the search step's fixed cost per step
+(small ops on the choices, masks, weights and the cost).
 """
 from __future__ import annotations
 
@@ -113,11 +116,11 @@ def peak_step_bytes(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> int:
     return trainer.live_bytes() + x.numel() * x.element_size() + y.numel() * y.element_size() + grown
 
 
-def measure(name: str, device: str, pairs: int, breakdown: bool = False, **options) -> dict:
+def measure(name: str, device: str, pairs: int, breakdown: bool = False, batch: int = BATCH, **options) -> dict:
     factory, shape, classes = CASES[name]
     torch.manual_seed(0)
-    x = torch.randn(BATCH, *shape, device=device)
-    y = torch.randint(0, classes, (BATCH,), device=device)
+    x = torch.randn(batch, *shape, device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
     trainers = {"float": Trainer(factory().to(device).train()),
                 "eager": Trainer(fxsearch.convert(factory(), (x[:8].cpu(),), **options).to(device).train()),
                 "fused": Trainer(fxsearch.convert(factory(), (x[:8].cpu(),), **options).fuse_quantizers()
@@ -158,16 +161,17 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=20, help="alternating float/search step pairs")
     parser.add_argument("--models", default=",".join(CASES))
     parser.add_argument("--integer-adds", action="store_true", help="convert with integer_adds=True")
+    parser.add_argument("--batch", type=int, default=BATCH, help="batch size (1: the fixed cost per step)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also print the median ms of each phase (forward, cost, backward, optimiser)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"device={args.device} threads={torch.get_num_threads()} batch={BATCH} "
+    print(f"device={args.device} threads={torch.get_num_threads()} batch={args.batch} "
           f"pairs={args.pairs} torch={torch.__version__}")
     print(f"{'model':<10} {'float ms':>9} {'eager ms':>9} {'x':>5} {'fused ms':>9} {'x':>5} "
           f"{'float MiB':>10} {'eager MiB':>10} {'x':>5} {'fused MiB':>10} {'x':>5}")
     for name in args.models.split(","):
-        r = measure(name, args.device, args.pairs, args.breakdown, integer_adds=args.integer_adds)
+        r = measure(name, args.device, args.pairs, args.breakdown, args.batch, integer_adds=args.integer_adds)
         print(f"{r['model']:<10} {r['float_ms']:>9.1f} {r['eager_ms']:>9.1f} {r['eager_x']:>5.2f} "
               f"{r['fused_ms']:>9.1f} {r['fused_x']:>5.2f} {r['float_mib']:>10.1f} {r['eager_mib']:>10.1f} "
               f"{r['eager_mem_x']:>5.2f} {r['fused_mib']:>10.1f} {r['fused_mem_x']:>5.2f}", flush=True)
