@@ -411,10 +411,16 @@ def search_layers(model: torch.fx.GraphModule, discrete: bool = False) -> list[C
         raise ConfigError("this model has no cost description; build it with fxsearch.convert")
     dtype = torch.float64 if discrete else None
     thetas: dict[str, torch.Tensor] = {}
+    modules: dict[str, nn.Module] = {}
+
+    def module(name: str) -> nn.Module:  # each looked up once per call (a path walk each time)
+        if name not in modules:
+            modules[name] = model.get_submodule(name)
+        return modules[name]
 
     def theta(name: str) -> torch.Tensor:
         if name not in thetas:
-            thetas[name] = _choice_theta(model.get_submodule(name), discrete, dtype)
+            thetas[name] = _choice_theta(module(name), discrete, dtype)
         return thetas[name]
 
     pruned: dict[tuple[str, Any], torch.Tensor] = {}
@@ -425,19 +431,19 @@ def search_layers(model: torch.fx.GraphModule, discrete: bool = False) -> list[C
         key = (name, units if isinstance(units, int) else id(units))
         if key not in pruned:
             t = theta(name)
-            pruned[key] = take_units(t[model.get_submodule(name).precisions.index(0)], units).sum()
+            pruned[key] = take_units(t[module(name).precisions.index(0)], units).sum()
         return pruned[key]
 
     layers = []
     for spec in specs:
-        choice = model.get_submodule(spec.choice)
+        choice = module(spec.choice)
         w_theta = theta(spec.choice)
         unit_index, in_fixed, in_terms = spec.indices(w_theta.device)
         # C_in_eff = always-alive channels + the prunable ones less their expected pruned count
         c_in = float(in_fixed + sum(u if isinstance(u, int) else len(u) for _, u in in_terms))
         dead = [expected_pruned(name, units) for name, units in in_terms]
         c_in = c_in - (dead[0] if len(dead) == 1 else sum(dead)) if dead else w_theta.new_full((), c_in)
-        act = model.get_submodule(spec.act) if spec.act is not None else None
+        act = module(spec.act) if spec.act is not None else None
         layers.append(CostLayer(
             name=spec.name, kind=spec.kind, kernel=spec.kernel, groups=spec.groups,
             depthwise=spec.depthwise, in_channels=spec.in_channels, out_channels=spec.out_channels,
