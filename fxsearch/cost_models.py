@@ -442,7 +442,7 @@ def search_layers(model: torch.fx.GraphModule, discrete: bool = False) -> list[C
         # C_in_eff = always-alive channels + the prunable ones less their expected pruned count
         c_in = float(in_fixed + sum(u if isinstance(u, int) else len(u) for _, u in in_terms))
         dead = [expected_pruned(name, units) for name, units in in_terms]
-        c_in = c_in - (dead[0] if len(dead) == 1 else sum(dead)) if dead else w_theta.new_full((), c_in)
+        c_in = c_in - sum(dead[1:], dead[0]) if dead else w_theta.new_full((), c_in)
         act = module(spec.act) if spec.act is not None else None
         layers.append(CostLayer(
             name=spec.name, kind=spec.kind, kernel=spec.kernel, groups=spec.groups,

@@ -17,7 +17,7 @@ import warnings
 import torch
 import torch.fx.experimental._config as fx_config
 
-from .quantizers import _saturates, act_grid, weight_absmax
+from .quantizers import _saturates, act_grid, weight_scale
 
 _FAILED: list[str] = []  # the first compile error, once compiling has failed
 
@@ -95,7 +95,7 @@ def _act_backward_inside(x, grad, shape, lo, hi, scale, levels, theta, mask):
 
 def _weight_forward(w, k, bits, theta):
     """The quantized weight (w viewed (C, K), theta (P, C)) and its scales (P, C)."""
-    scale = weight_absmax(w) / (2.0 ** (bits - 1) - 1).unsqueeze(1)
+    scale = weight_scale(w, bits)
     w = w.reshape(-1, k)
     s, t = scale.unsqueeze(2), theta.unsqueeze(2)
     return _in_order(lambda p: torch.round(w / s[p]) * s[p] * t[p], len(bits)), scale

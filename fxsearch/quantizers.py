@@ -17,6 +17,12 @@ def weight_absmax(w: torch.Tensor) -> torch.Tensor:
     return w.detach().abs().flatten(1).amax(1).clamp_min(EPS)
 
 
+def weight_scale(w: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """(P, C_out) scales of symmetric per-channel quantization at each bit-width in `bits`:
+    max|W_c| / (2^(b - 1) - 1)."""
+    return weight_absmax(w) / (2.0 ** (bits - 1) - 1).unsqueeze(1)
+
+
 def _stacked(v: torch.Tensor, dim: int) -> torch.Tensor:
     """(P, ...) per-precision values shaped to broadcast against a stacked (P, *shape) tensor."""
     return v.reshape(*v.shape, *([1] * (dim + 1 - v.dim())))
@@ -40,7 +46,7 @@ class MixedWeightQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, theta, bits):  # theta (P, C_out) for the non-zero precisions in `bits`
-        scale = weight_absmax(w) / (2.0 ** (bits - 1) - 1).unsqueeze(1)  # (P, C_out)
+        scale = weight_scale(w, bits)
         s = _stacked(scale, w.dim())
         out = torch.div(w, s).round_().mul_(s).mul_(_stacked(theta, w.dim())).sum(0)
         ctx.save_for_backward(w, theta, scale)
