@@ -123,6 +123,7 @@ def test_fused_quantizers_match_the_eager_ones(monkeypatch):
     assert torch.equal(results[0][0], results[1][0])
     for a, c in zip(results[0][1], results[1][1]):
         assert torch.allclose(a, c, rtol=1e-4, atol=1e-5)
+    assert {"weight_forward", "weight_backward"} <= set(fused_quantizers._KERNELS)
 
 
 def test_unsigned_ranges_are_decided_not_to_saturate_as_the_general_test_finds():
