@@ -110,9 +110,15 @@ def peak_step_bytes(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> int:
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    # "Total Allocated" counts the allocations made since the profiler started
-    grown = max((e["args"]["Total Allocated"] for e in events
-                 if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})), default=0)
+    # "Total Allocated" is a running total that carries over from earlier profiles in the process
+    # (what earlier steps left allocated, such as gradients): growth is measured from its value
+    # before this step's first event
+    allocs = sorted((e for e in events if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})),
+                    key=lambda e: e["ts"])
+    grown = 0
+    if allocs:
+        start = allocs[0]["args"]["Total Allocated"] - allocs[0]["args"]["Bytes"]
+        grown = max(e["args"]["Total Allocated"] for e in allocs) - start
     return trainer.live_bytes() + x.numel() * x.element_size() + y.numel() * y.element_size() + grown
 
 
