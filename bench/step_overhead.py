@@ -15,7 +15,11 @@ Targets (issue 7): time ratio <= 1.3, peak memory ratio <= 1.5.
 With --breakdown, more pairs of steps are run with a clock between the phases (forward, cost,
 backward, optimiser) and their medians printed: where the search step's extra time goes.
 
-    python bench/step_overhead.py [--device cuda] [--threads 2] [--pairs 20] [--models resnet8,dscnn] [--breakdown] [--integer-adds] [--batch 32]
+    python bench/step_overhead.py [--device cuda] [--threads 2] [--pairs 20] [--models resnet8,dscnn] [--breakdown] [--integer-adds] [--batch 32] [--default-malloc]
+
+Like `python -m fxsearch.search`, the benchmark first calls fxsearch.malloc.keep_freed_memory()
+(freed tensors stay mapped: no page faults when the next step allocates them again), which
+applies to both sides; --default-malloc leaves glibc's defaults.
 
 At --batch 1 the tensors are small and the ratio shows the search step's fixed cost per step
 (small ops on the choices, masks, weights and the cost).
@@ -33,6 +37,7 @@ import torch
 import torchvision
 
 import fxsearch
+from fxsearch.malloc import keep_freed_memory
 from fxsearch.zoo import dscnn, resnet8
 
 BATCH = 32
@@ -170,10 +175,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=BATCH, help="batch size (1: the fixed cost per step)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also print the median ms of each phase (forward, cost, backward, optimiser)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc thresholds as they are (see fxsearch.malloc)")
     args = parser.parse_args()
+    kept = False if args.default_malloc else keep_freed_memory()
     torch.set_num_threads(args.threads)
     print(f"device={args.device} threads={torch.get_num_threads()} batch={args.batch} "
-          f"pairs={args.pairs} torch={torch.__version__}")
+          f"pairs={args.pairs} torch={torch.__version__} keep_freed_memory={kept}")
     print(f"{'model':<10} {'float ms':>9} {'eager ms':>9} {'x':>5} {'fused ms':>9} {'x':>5} "
           f"{'float MiB':>10} {'eager MiB':>10} {'x':>5} {'fused MiB':>10} {'x':>5}")
     for name in args.models.split(","):

@@ -42,6 +42,7 @@ from .checks import make_run_dir
 from . import cli
 from .errors import ConfigError
 from .files import torch_save_atomically as torch_save, write_atomically, write_json
+from .malloc import keep_freed_memory
 
 BASELINES = ("w8a8", "w4a8", "w2a8")
 DEFAULT_LAMBDAS = "1,2,4,8"
@@ -568,6 +569,7 @@ def summary_table(rows: list[dict[str, Any]], cost: str) -> str:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    keep_freed_memory()  # no page faults for the tensors every step allocates again (fxsearch.malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
     return Sweep(args).execute()
