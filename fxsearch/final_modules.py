@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .conv_input_grad import conv_forward
 from .quantizers import act_scale_zero_point, fake_quant_act, round_ste, weight_absmax
 
 
@@ -114,17 +115,17 @@ class QuantWeightMixin:
 
 class QuantConv1d(QuantWeightMixin, nn.Conv1d):
     def forward(self, x):
-        return self._conv_forward(x, self.quant_weight(), self.quant_bias())
+        return conv_forward(self, x, self.quant_weight(), self.quant_bias())
 
 
 class QuantConv2d(QuantWeightMixin, nn.Conv2d):
     def forward(self, x):
-        return self._conv_forward(x, self.quant_weight(), self.quant_bias())
+        return conv_forward(self, x, self.quant_weight(), self.quant_bias())
 
 
 class QuantConv3d(QuantWeightMixin, nn.Conv3d):
     def forward(self, x):
-        return self._conv_forward(x, self.quant_weight(), self.quant_bias())
+        return conv_forward(self, x, self.quant_weight(), self.quant_bias())
 
 
 class QuantLinear(QuantWeightMixin, nn.Linear):

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .conv_input_grad import conv_forward
 from .quantizers import fake_quant_act, fake_quant_weight, sample_choice
 
 
@@ -149,17 +150,17 @@ class WeightSearchMixin:
 
 class SearchConv1d(WeightSearchMixin, nn.Conv1d):
     def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, *self.effective_params(theta))
+        return conv_forward(self, x, *self.effective_params(theta))
 
 
 class SearchConv2d(WeightSearchMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, *self.effective_params(theta))
+        return conv_forward(self, x, *self.effective_params(theta))
 
 
 class SearchConv3d(WeightSearchMixin, nn.Conv3d):
     def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, *self.effective_params(theta))
+        return conv_forward(self, x, *self.effective_params(theta))
 
 
 class SearchLinear(WeightSearchMixin, nn.Linear):
