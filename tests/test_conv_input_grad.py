@@ -51,6 +51,12 @@ def test_other_convolutions_keep_the_default():
         out = conv_forward(conv, x, conv.weight, conv.bias)
         assert not _took_one_channel_path(out)
         assert torch.equal(out, conv(x))
+    conv, x = nn.Conv2d(1, 8, 3), torch.randn(8, 1, 32, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 casts: autograd records them
+        out = conv_forward(conv, x, conv.weight, conv.bias)
+        assert out.dtype == torch.bfloat16 and not _took_one_channel_path(out)
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32
 
 
 def test_dscnn_search_gradients_agree_with_the_default_path(monkeypatch):
