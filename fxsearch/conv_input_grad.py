@@ -58,8 +58,9 @@ MIN_NUMEL = 2 ** 13
 def _one_channel(module: nn.Module, x: torch.Tensor) -> bool:
     """A batched CPU input with one channel and MIN_NUMEL elements that needs a gradient, into
     a Conv1d/2d whose padding is zeros given as numbers, outside autocast (whose casts the
-    backward would have to repeat)."""
-    return (module.in_channels == 1 and len(module.kernel_size) in (1, 2) and x.dim() == len(module.kernel_size) + 2
+    backward would have to repeat). Not a tensor (an fx Proxy while tracing): the default."""
+    return (module.in_channels == 1 and isinstance(x, torch.Tensor)
+            and len(module.kernel_size) in (1, 2) and x.dim() == len(module.kernel_size) + 2
             and x.numel() >= MIN_NUMEL
             and x.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu"
             and not torch.is_autocast_enabled("cpu")
