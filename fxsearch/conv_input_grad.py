@@ -5,9 +5,11 @@ first layer computes an input gradient that float training never asks for. Where
 has one channel (audio features, grey images), oneDNN's backward-data kernel is 2.5-6x slower
 than a matrix product followed by col2im (aten's slow_conv_transpose2d): DS-CNN's first layer
 (1x49x10 input, 10x4 kernel, stride 2, batch 32) takes 1.56 ms against 0.25 ms on the 2-core
-CPU of bench/; a Conv1d on raw audio (1x16000, kernel 80, stride 16) 16.8 against 13.3 ms
-forward and backward. With three channels neither is faster on every shape (ResNet stems:
-7x7 stride 2 slower, 3x3 stride 2 faster), so those keep the default.
+CPU of bench/; a Conv1d on raw audio (1x16000, kernel 80, stride 16) 17-24 against 7-13 ms
+forward and backward (three runs). With three channels neither is faster on every shape
+(ResNet stems: 7x7 stride 2 slower, 3x3 stride 2 faster), so those keep the default.
+The backward is not itself differentiable: a double backward (create_graph=True) through such
+a layer raises.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ ResNet-8 search step alone in its process took 31 ms with 8,000 page faults, 23 
 them (the float step 20 -> 13 ms). Raising both thresholds keeps the memory mapped (a
 process then holds on to its peak heap, which the next step reuses).
 
-`python -m fxsearch.search` (and so `make demo`) and the benchmarks call keep_freed_memory();
+`python -m fxsearch.search` (and so `make demo`) and bench/step_overhead.py call keep_freed_memory();
 library users may call it at the start of their training script. It leaves the allocator
 alone where the environment sets either threshold (GLIBC_TUNABLES, MALLOC_TRIM_THRESHOLD_,
 MALLOC_MMAP_THRESHOLD_) and off glibc (macOS, Windows, musl): there it returns False.
