@@ -83,7 +83,7 @@ class SearchModel(torch.fx.GraphModule):
         fxsearch.fused_quantizers): same values, after a first step that compiles (tens of
         seconds, cached on disk). Tensors of fewer than quantizers.FUSED_MIN_NUMEL elements stay
         eager (a compiled call's fixed cost outweighs the gain there). A training step gains
-        10-20 % (bench/step_overhead.py: ResNet-8, DS-CNN, ResNet-18).
+        5-15 % (bench/step_overhead.py: DS-CNN least, ResNet-18 most).
         CPU only; eval, no-grad passes and other devices stay eager."""
         for m in self.modules():
             if isinstance(m, (ActSearch, WeightSearchMixin)):

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
            "the quantizers compute in float32 either way (default: float32 throughout)")
     a("--fuse-quantizers", action="store_true",
       help="CPU: run the search's quantizers on large tensors as loops compiled by torch.compile "
-           "(same values; 10-20%% faster steps on large models after a first step that compiles)")
+           "(same values; 5-15%% faster steps on large models after a first step that compiles)")
     a("--threads", type=cli.positive, default=1, metavar="N",
       help="CPU threads of torch (default 1: small models gain little from more, and lose much "
            "when the cores are shared; raise it for large models)")
