@@ -17,7 +17,7 @@ import warnings
 import torch
 import torch.fx.experimental._config as fx_config
 
-from .quantizers import _saturates, act_grid, weight_scale
+from .quantizers import _cannot_saturate, _saturates, act_grid, weight_scale
 
 _FAILED: list[str] = []  # the first compile error, once compiling has failed
 
@@ -35,14 +35,20 @@ def _in_order(term, count: int) -> torch.Tensor:
 # outside would add guards on their bases, and a recompilation per layer. Each returns what
 # autograd wants, the few per-precision numbers included: the small ops around a compiled
 # call would cost more than the loop (a dozen dispatches of a few microseconds each).
-def _act_forward(x, shape, lo, hi, bits, theta, mask):
-    """The quantized tensor and the grid (scale, zero point, top code) for the backward."""
+def _act_forward(x, shape, lo, hi, bits, theta, mask, saturates: bool):
+    """The quantized tensor and the grid (scale, zero point, top code) for the backward.
+    saturates=False leaves out the code range clamp (half the loop's time), for callers that
+    know no code can leave its grid (_cannot_saturate)."""
     x = x.reshape(shape)
     scale, zp, levels = act_grid(lo, hi, bits)
     scaled_theta = scale * theta
     y = torch.clamp(x, lo, hi)
-    out = _in_order(lambda p: torch.clamp(torch.round(y / scale[p]), -zp[p], levels[p] - zp[p]) * scaled_theta[p],
-                    len(bits))
+
+    def code(p):
+        t = torch.round(y / scale[p])
+        return torch.clamp(t, -zp[p], levels[p] - zp[p]) if saturates else t
+
+    out = _in_order(lambda p: code(p) * scaled_theta[p], len(bits))
     return (out if mask is None else out * mask.reshape(1, shape[1], 1)), scale, zp, levels
 
 
@@ -154,14 +160,16 @@ class FusedActQuant(torch.autograd.Function):
     def forward(ctx, x, lo, hi, theta, bits, mask=None):
         from .quantizers import MixedActQuant
         shape = _shape_3d(x, mask)
-        got = None if shape is None else _run("act_forward", _act_forward, x, shape, lo, hi, bits, theta, mask)
+        may_saturate = not _cannot_saturate(lo, hi)
+        got = None if shape is None else _run("act_forward", _act_forward, x, shape, lo, hi, bits, theta, mask,
+                                             may_saturate)
         if got is None:
             return MixedActQuant.forward(ctx, x, lo, hi, theta, bits, mask)
         out, scale, zp, levels = got
         ctx.save_for_backward(x, lo, hi, theta, bits, mask)
         ctx.fused = True
         ctx.grid = scale, zp, levels  # three numbers per precision; backward reuses them
-        ctx.saturates = _saturates(lo, hi, scale, zp, levels)
+        ctx.saturates = may_saturate and _saturates(lo, hi, scale, zp, levels)
         return out.view(x.shape)
 
     @staticmethod

@@ -100,16 +100,21 @@ def act_scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor)
     return act_grid(lo, hi, bits)[:2]
 
 
+def _cannot_saturate(lo: torch.Tensor, hi: torch.Tensor) -> bool:
+    """True where no code of clip(x, lo, hi) can leave [0, 2^p - 1] at any precision, decided
+    from the two numbers alone (on the CPU, without the dozen small ops of _saturates): with
+    lo = 0 < hi (unsigned quantizers) zp = 0 and hi / s is within a few ulp of 2^p - 1 (or
+    below it where hi - lo < EPS), which rounds to 2^p - 1. False means "maybe"."""
+    return lo.device.type == "cpu" and float(lo) == 0.0 and float(hi) > 0.0
+
+
 def _saturates(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, levels: torch.Tensor) -> bool:
     """Whether a code of clip(x, lo, hi) can leave [0, 2^p - 1], or the clip range is empty.
 
     round(y / s) is monotonic in y, so the codes of the clip bounds decide for every y in
     [lo, hi]; they leave the range only at rounding ties or float error near the bounds.
-    With lo = 0 < hi (unsigned quantizers) they cannot: zp = 0 and hi / s is within a few ulp
-    of 2^p - 1 (or below it where hi - lo < EPS), which rounds to 2^p - 1; decided from the
-    two numbers on the CPU, without the dozen small ops of the general test.
     """
-    if lo.device.type == "cpu" and float(lo) == 0.0 and float(hi) > 0.0:
+    if _cannot_saturate(lo, hi):
         return False
     ends = torch.round(torch.stack([lo, hi]).unsqueeze(1) / scale) + zp  # (2, P)
     return bool(((ends < 0) | (ends > levels)).any() | (lo > hi))
