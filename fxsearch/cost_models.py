@@ -36,6 +36,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import warnings
+import weakref
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -467,8 +470,54 @@ def search_costs(model: torch.fx.GraphModule, names: Sequence[str | None] | None
     for n in names:
         if n not in models:
             raise ConfigError(f"no cost model named {n!r} in this model; it has {', '.join(models)}")
+    if not discrete and getattr(model, "fused_cost", False):
+        got = _compiled_costs(model, tuple(names))
+        if got is not None:
+            return got
+    return _price(model, tuple(names), discrete)
+
+
+def _price(model: torch.fx.GraphModule, names: tuple[str, ...], discrete: bool = False) -> dict[str, torch.Tensor]:
+    models = model.meta[meta.COST_MODELS]
     layers = search_layers(model, discrete)
     return {n: models[n](layers) for n in names}
+
+
+# per model: torch.compile of a copy of _price's code. Dynamo keeps its compiled graphs on the
+# code object, at most recompile_limit (8) of them, and each model needs its own (its guards
+# name the model's modules), so one shared code object would go eager from the ninth model of
+# a process on (a lambda sweep); None: the model's index caches are not filled yet.
+_COMPILED_PRICE: "weakref.WeakKeyDictionary[torch.fx.GraphModule, Any]" = weakref.WeakKeyDictionary()
+
+
+def _compiled_price() -> Callable:
+    own = types.FunctionType(_price.__code__.replace(), _price.__globals__, _price.__name__, _price.__defaults__)
+    return torch.compile(own, fullgraph=True)
+
+
+def _compiled_costs(model: torch.fx.GraphModule, names: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+    """search_costs in train mode as one compiled graph each way (SearchModel.fuse_quantizers):
+    the few hundred small operations of the thetas and the per-layer sums become one loop
+    forward and one backward. None where it does not apply (eval mode, no gradient, off the
+    CPU, the model's first evaluation, which fills the caches the graph reads) or compiling
+    failed (warned once; the model's cost stays eager from then on)."""
+    if not (model.training and torch.is_grad_enabled()):
+        return None
+    if model not in _COMPILED_PRICE:
+        _COMPILED_PRICE[model] = None
+        return None
+    specs = model.meta[meta.COST_LAYERS]
+    if not specs or model.get_submodule(specs[0].choice).alpha.device.type != "cpu":
+        return None
+    if _COMPILED_PRICE[model] is None:
+        _COMPILED_PRICE[model] = _compiled_price()
+    try:
+        return _COMPILED_PRICE[model](model, names)
+    except Exception as err:  # no C++ compiler, a cost function dynamo cannot trace, ...
+        model.fused_cost = False
+        warnings.warn(f"fxsearch: the cost could not be compiled, computing it eagerly from now on "
+                      f"({type(err).__name__}: {str(err)[:200]})")
+        return None
 
 
 # ---- counting a finalized model -----------------------------------------------------------

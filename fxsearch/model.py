@@ -78,16 +78,21 @@ class SearchModel(torch.fx.GraphModule):
         for m in self._choices():
             m.sampling = mode
 
-    def fuse_quantizers(self, enabled: bool = True) -> "SearchModel":
+    fused_cost = False  # fuse_quantizers() sets it
+
+    def fuse_quantizers(self, enabled: bool = True, cost: bool = True) -> "SearchModel":
         """Run the quantizers of training steps as compiled loops (torch.compile; see
         fxsearch.fused_quantizers): same values, after a first step that compiles (tens of
         seconds, cached on disk). Tensors of fewer than quantizers.FUSED_MIN_NUMEL elements stay
-        eager (a compiled call's fixed cost outweighs the gain there). A training step gains
-        5-15 % (bench/step_overhead.py: DS-CNN least, ResNet-18 most).
+        eager (a compiled call's fixed cost outweighs the gain there). With ``cost`` the
+        train-mode cost (``cost``, ``costs``, ``cost_of``) runs as one compiled graph too, from
+        its second evaluation on (fxsearch.cost_models; values to float rounding). A training
+        step gains 10-20 % (bench/step_overhead.py: DS-CNN least, ResNet-18 most).
         CPU only; eval, no-grad passes and other devices stay eager."""
         for m in self.modules():
             if isinstance(m, (ActSearch, WeightSearchMixin)):
                 m.fused = enabled
+        self.fused_cost = enabled and cost
         return self
 
     # ---- cost (fxsearch.cost_models) ---------------------------------------------------

@@ -218,8 +218,9 @@ def fake_quant_act(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: to
     return fn.apply(x, lo, hi, theta, bits, mask)
 
 
-def sample_choice(logits: torch.Tensor, temperature: float, mode: str, training: bool) -> torch.Tensor:
-    """Choice probabilities theta over dim 0 (the precisions).
+def sample_choice(logits: torch.Tensor, temperature: float | torch.Tensor, mode: str, training: bool) -> torch.Tensor:
+    """Choice probabilities theta over dim 0 (the precisions). ``temperature``: a number or a
+    0-d tensor (the modules' buffer: no host read, which a compiled cost could not trace).
 
     Eval mode returns the one-hot argmax; training returns softmax(logits / T), its
     straight-through hard version, or a Gumbel-softmax sample.

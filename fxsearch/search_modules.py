@@ -32,7 +32,7 @@ class _Choice(nn.Module):
         return self.alpha
 
     def theta(self) -> torch.Tensor:
-        return sample_choice(self.logits(), float(self.temperature), self.sampling, self.training)
+        return sample_choice(self.logits(), self.temperature, self.sampling, self.training)
 
     def argmax_bits(self) -> torch.Tensor:
         return torch.tensor(self.precisions)[self.logits().detach().argmax(0).cpu()]

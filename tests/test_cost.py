@@ -519,3 +519,66 @@ def test_discrete_cost_equals_count_of_finalized(make, shape):
     for name in ALL:
         assert counted[name] == pytest.approx(sm.discrete_cost(name), rel=1e-12), name
     assert math.isfinite(counted["ne16"])
+
+
+# ---- the compiled cost (SearchModel.fuse_quantizers) ---------------------------------------------
+def _costs_and_grads(sm):
+    for p in sm.arch_parameters():
+        p.grad = None
+    costs = sm.costs
+    sum(c / c.detach() for c in costs.values()).backward()  # every model's gradient, each scaled to 1
+    return ({k: float(v.detach()) for k, v in costs.items()},
+            [p.grad.clone() for p in sm.arch_parameters() if p.grad is not None])
+
+
+def test_compiled_cost_matches_the_eager_one():
+    """fuse_quantizers compiles the train-mode cost: every built-in model's value and every
+    choice's gradient as the eager cost gives them (to float rounding), at any temperature and
+    in softmax and hard sampling; eval mode stays the eager argmax cost."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 8, 8)
+    eager = uniform(convert(Residual(), x))
+    fused = copy.deepcopy(eager).fuse_quantizers()
+    with torch.no_grad():
+        for p, q in zip(eager.arch_parameters(), fused.arch_parameters()):
+            p.normal_()
+            q.copy_(p)
+    graphs = counters["stats"]["unique_graphs"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed compile warns: none here
+        for temperature, sampling in [(1.0, "softmax"), (0.37, "softmax"), (2.5, "hard"), (0.37, "softmax")]:
+            for sm in (eager, fused):
+                sm.temperature, sm.sampling = temperature, sampling
+            want, want_grads = _costs_and_grads(eager)
+            for _ in range(2):  # the first evaluation is eager (it fills the caches), then compiled
+                got, got_grads = _costs_and_grads(fused)
+                assert got == pytest.approx(want, rel=1e-5)
+                assert len(got_grads) == len(want_grads)
+                for a, b in zip(got_grads, want_grads):
+                    assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
+    assert fused.fused_cost and counters["stats"]["unique_graphs"] > graphs  # it did compile
+    fused.eval()
+    assert float(fused.cost) == fused.discrete_cost()
+
+
+def test_cost_that_cannot_be_compiled_falls_back_to_eager():
+    """A cost function dynamo cannot trace whole (here a call it is told not to trace): one
+    warning, then the eager cost, the same value."""
+    @torch.compiler.disable
+    def untraceable(t):
+        return t.sum()
+
+    def host_read(layer):
+        return untraceable(layer.bits) * layer.c_in_eff
+
+    x = torch.randn(2, 3, 8, 8)
+    sm = uniform(convert(Residual(), x, cost=host_read)).fuse_quantizers()
+    first = float(sm.cost.detach())  # eager, fills the caches
+    with pytest.warns(UserWarning, match="could not be compiled"):
+        assert float(sm.cost.detach()) == first
+    assert not sm.fused_cost
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(sm.cost.detach()) == first
