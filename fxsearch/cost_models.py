@@ -30,7 +30,9 @@ no gradient reaches a producer's pruning choice through its consumers (the refer
 Thetas of the search model's cost: in eval mode (and for ``discrete_cost``) the one-hot argmax;
 in train mode exactly what the forward pass uses for "softmax" (softmax(alpha / tau)) and
 "hard" (one-hot forward, softmax gradient) sampling; for "gumbel" the expectation
-softmax(alpha / tau), because a Gumbel sample is drawn anew at every forward.
+softmax(alpha / tau), because a Gumbel sample is drawn anew at every forward. After
+``SearchModel.fuse_quantizers()`` the train-mode cost runs as one compiled graph (values and
+gradients to float rounding); a cost function dynamo cannot trace whole falls back to eager.
 """
 from __future__ import annotations
 

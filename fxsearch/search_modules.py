@@ -17,6 +17,13 @@ from .conv_input_grad import conv_forward
 from .quantizers import fake_quant_act, fake_quant_weight, sample_choice
 
 
+def is_arange(index: torch.Tensor, n: int | None = None) -> bool:
+    """Whether ``index`` is 0, 1, ..., n - 1 (n: its length unless given): an index that
+    selects everything in order, where a view or slice can stand for the gather."""
+    n = len(index) if n is None else n
+    return len(index) == n and torch.equal(index, torch.arange(n, dtype=index.dtype, device=index.device))
+
+
 class _Choice(nn.Module):
     """Holds logits over precisions (dim 0) and turns them into theta."""
 
@@ -94,7 +101,7 @@ class ActSearch(_Choice):
             index[pos] = offsets[k] + units
         self.register_buffer("mask_index", index.view(self.mask_shape), persistent=False)
         # the common case, position k holds unit k of one group: the mask is a view of 1 - theta[0]
-        self.mask_is_view = len(mask_plan) == 1 and torch.equal(index, torch.arange(mask_units[0]))
+        self.mask_is_view = len(mask_plan) == 1 and is_arange(index, mask_units[0])
 
     def quantize(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """sum_p theta_a[p] * Q_p(x), times `mask` (in the same pass) if given."""

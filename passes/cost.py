@@ -23,6 +23,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fxsearch import meta
 from fxsearch.cost_models import LayerGeometry, resolve_costs
 from fxsearch.errors import UnsupportedModelError
+from fxsearch.search_modules import is_arange
 
 from .channel_groups import ChannelAnalysis, LayerInfo
 
@@ -69,8 +70,7 @@ class LayerSpec(LayerGeometry):
 
 def _units(index: torch.Tensor, device: torch.device) -> torch.Tensor | int:
     """`index` on `device`, or its length where it is 0, 1, ..., n-1."""
-    n = len(index)
-    return n if torch.equal(index, torch.arange(n, dtype=index.dtype)) else index.to(device)
+    return len(index) if is_arange(index) else index.to(device)
 
 
 def _out_shape(node: torch.fx.Node) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from fxsearch import meta
 from fxsearch.config import SearchConfig
 from fxsearch.errors import UnsupportedModelError
-from fxsearch.search_modules import ActSearch, GroupChoice, search_class_for
+from fxsearch.search_modules import ActSearch, GroupChoice, is_arange, search_class_for
 
 from .channel_groups import ChannelAnalysis
 from .op_kinds import mutates_input
@@ -104,7 +104,7 @@ class InsertSearchNodesPass(PassBase):
             node.meta[meta.GROUP] = info.group
             module = gm.get_submodule(node.target)
             if not hasattr(module, "precisions"):
-                identity = torch.equal(info.unit_index, torch.arange(info.out_features)) and \
+                identity = is_arange(info.unit_index, info.out_features) and \
                     analysis.groups[info.group].num_units == info.out_features
                 search = search_class_for(module).from_float(
                     module, cfg.w_precisions, None if identity else info.unit_index)
