@@ -87,7 +87,7 @@ class SearchModel(torch.fx.GraphModule):
         eager (a compiled call's fixed cost outweighs the gain there). With ``cost`` the
         train-mode cost (``cost``, ``costs``, ``cost_of``) runs as one compiled graph too, from
         its second evaluation on (fxsearch.cost_models; values to float rounding). A training
-        step gains 10-20 % (bench/step_overhead.py: DS-CNN least, ResNet-18 most).
+        step gains 8-18 % (bench/step_overhead.py: DS-CNN least, ResNet-18 most).
         CPU only; eval, no-grad passes and other devices stay eager."""
         for m in self.modules():
             if isinstance(m, (ActSearch, WeightSearchMixin)):

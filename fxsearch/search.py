@@ -78,7 +78,7 @@ class SearchSettings:
     lambda_ramp_epochs: int = 0      # lambda grows linearly from 0 over this many epochs
     device: str = "auto"             # "auto", "cpu", "cuda", "cuda:1", ...
     amp: str | None = None           # autocast dtype of the training steps: "bf16" (CPU, CUDA), "fp16" (CUDA, scaled)
-    fuse_quantizers: bool = False    # CPU: the search's quantizers as compiled loops (SearchModel.fuse_quantizers)
+    fuse_quantizers: bool = False    # CPU: the search's quantizers and cost compiled (SearchModel.fuse_quantizers)
     find_unused_parameters: bool = False   # DistributedDataParallel's, for models with parameters forward leaves unused
     sync_bn: bool = True             # several CUDA processes: BatchNorm that trains uses global-batch statistics
     progress: bool = True            # tqdm bars on stderr

@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -205,12 +206,17 @@ def test_search_returns_a_finalized_fine_tuned_model(digits8):
 
 
 def test_search_can_fuse_the_quantizers(digits8):
-    """settings.fuse_quantizers reaches the model the search trains (tensors this small stay eager)."""
+    """settings.fuse_quantizers reaches the model the search trains (tensors this small stay
+    eager) and its cost, which compiles without a fallback warning."""
     train, val, _ = loaders(digits8)
     settings = SearchSettings(epochs=1, finetune_epochs=0, fuse_quantizers=True, **QUIET)
-    result = search(Tiny(), train, val, lam=0.5, settings=settings)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*could not be compiled")
+        result = search(Tiny(), train, val, lam=0.5, settings=settings)
     quantizers = [m for m in result.search_model.modules() if isinstance(m, (ActSearch, WeightSearchMixin))]
     assert quantizers and all(m.fused for m in quantizers)
+    assert result.search_model.fused_cost
+    assert fxsearch.cost_models._COMPILED_PRICE.get(result.search_model) is not None  # it ran compiled
 
 
 def test_sequential_baseline_prunes_then_quantizes(digits8):
