@@ -35,10 +35,10 @@ def _in_order(term, count: int) -> torch.Tensor:
 # outside would add guards on their bases, and a recompilation per layer. Each returns what
 # autograd wants, the few per-precision numbers included: the small ops around a compiled
 # call would cost more than the loop (a dozen dispatches of a few microseconds each).
-def _act_forward(x, shape, lo, hi, bits, theta, mask, saturates: bool):
+def _act_forward(x, shape, lo, hi, bits, theta, mask, may_saturate: bool):
     """The quantized tensor and the grid (scale, zero point, top code) for the backward.
-    saturates=False leaves out the code range clamp (half the loop's time), for callers that
-    know no code can leave its grid (_cannot_saturate)."""
+    may_saturate=False leaves out the code range clamp (half the loop's time), for callers
+    that know no code can leave its grid (_cannot_saturate)."""
     x = x.reshape(shape)
     scale, zp, levels = act_grid(lo, hi, bits)
     scaled_theta = scale * theta
@@ -46,7 +46,7 @@ def _act_forward(x, shape, lo, hi, bits, theta, mask, saturates: bool):
 
     def code(p):
         t = torch.round(y / scale[p])
-        return torch.clamp(t, -zp[p], levels[p] - zp[p]) if saturates else t
+        return torch.clamp(t, -zp[p], levels[p] - zp[p]) if may_saturate else t
 
     out = _in_order(lambda p: code(p) * scaled_theta[p], len(bits))
     return (out if mask is None else out * mask.reshape(1, shape[1], 1)), scale, zp, levels
