@@ -1,10 +1,12 @@
-"""The pipeline: trace -> channel groups -> search nodes -> cost description, in one visible order."""
+"""The pipeline: trace -> channel groups -> search nodes -> ReLUs absorbed -> cost description, in one
+visible order."""
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import torch
 
+from fxsearch.passes.absorb_relu import AbsorbReluPass
 from fxsearch.passes.channel_groups import ChannelGroupPass
 from fxsearch.passes.cost import CostPass
 from fxsearch.passes.insert_search_nodes import SEARCH_HOLDERS, InsertSearchNodesPass
@@ -40,7 +42,8 @@ def convert(
         check_finite(model)
     leaves = tuple(cfg.leaf_modules) + tuple(e for e in cfg.exclude)
     gm = trace(model, example_inputs, leaf_modules=leaves, concrete_args=cfg.concrete_args)
-    for p in (ChannelGroupPass(example_inputs, cfg.exclude), InsertSearchNodesPass(cfg), CostPass(cost)):
+    for p in (ChannelGroupPass(example_inputs, cfg.exclude), InsertSearchNodesPass(cfg), AbsorbReluPass(),
+              CostPass(cost)):
         gm = p(gm).graph_module
     return _like(SearchModel.wrap(gm, cfg), model)
 

@@ -6,6 +6,7 @@ NONNEG = "fxsearch.nonneg"          # True when the value is known to be >= 0 (R
 RANGE = "fxsearch.range"            # (min, max) of the value on the example inputs
 ROLE = "fxsearch.role"              # "weight_search", "act_search", "choice" for inserted nodes
 GROUP = "fxsearch.group"            # group id of a searchable layer
+ABSORBED_RELU = "fxsearch.absorbed_relu"  # on a q_ node: the ReLU it stands for (passes/absorb_relu.py)
 
 # GraphModule.meta
 ANALYSIS = "fxsearch.channel_analysis"  # ChannelAnalysis written by the channel-group pass

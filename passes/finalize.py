@@ -4,7 +4,8 @@
   every consumer (conv/linear inputs, BatchNorm, per-channel parameters, literal sizes of
   view/split/slice), using the channel labels of the analysis;
 - search layers become QuantConv*/QuantLinear with per-channel `w_bits`, activation search
-  nodes become FakeQuantAct with their chosen bit-width, choice nodes disappear;
+  nodes become FakeQuantAct with their chosen bit-width (after the ReLU they absorbed, put
+  back), choice nodes disappear;
 - BatchNorm that follows a quantized layer is folded into it (per-channel symmetric
   quantization gives the same integers for a positive or negative per-channel factor).
 The channel analysis stays in gm.meta and node labels are shrunk to the surviving channels,
@@ -27,6 +28,7 @@ from fxsearch.final_modules import FakeQuantAct, QuantWeightMixin, quant_class_f
 from fxsearch.quantizers import weight_absmax
 from fxsearch.search_modules import WeightSearchMixin
 
+from .absorb_relu import restore_relu
 from .channel_groups import ChannelAnalysis, varying_dims
 from .op_kinds import node_kind, remove_dead_code
 
@@ -173,6 +175,7 @@ class FinalizePass(PassBase):
     # ---- search nodes ------------------------------------------------------------------
     @staticmethod
     def _freeze_act(gm, node, act) -> None:
+        restore_relu(gm, node)
         bits = act.precisions[int(act.alpha.detach().argmax())]
         _set_attr(gm, node.target, FakeQuantAct(bits, act.lo, act.hi, act.signed))
         node.args = (node.args[0],)

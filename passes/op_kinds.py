@@ -164,6 +164,20 @@ def is_nonneg_producer(node: torch.fx.Node, module: nn.Module | None) -> bool:
     return node.op == "call_method" and node.target in _NONNEG_METHODS
 
 
+_RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_}
+
+
+def is_relu(node: torch.fx.Node, module: nn.Module | None) -> bool:
+    """A plain ReLU of one computed tensor (module, function or method, in place or not)."""
+    if node.op == "call_module":
+        kind = isinstance(module, nn.ReLU)
+    elif node.op == "call_function":
+        kind = _contains(_RELU_FUNCTIONS, node.target)
+    else:
+        kind = node.op == "call_method" and node.target in ("relu", "relu_")
+    return kind and len(node.args) == 1 and isinstance(node.args[0], torch.fx.Node) and set(node.kwargs) <= {"inplace"}
+
+
 def mutates_input(node: torch.fx.Node, module: nn.Module | None) -> bool:
     """In-place ops (x.relu_(), F.relu(x, inplace=True), x += y, nn.ReLU(inplace=True)): kept
     even when their result is unused, since they change a tensor that others read."""

@@ -256,18 +256,19 @@ def test_pruned_unit_is_exactly_zero(model_cls, layer, unit, zero_out, zero_in):
 
 
 def test_pruning_mask_is_needed_after_batchnorm_shift():
-    """The BN shift of a pruned conv1 channel survives the ReLU; only the mask zeroes it."""
+    """The BN shift of a pruned conv1 channel survives the ReLU (absorbed by the quantizer);
+    only the mask zeroes it."""
     model = perturb_norms(M.PlainChain())
     x = M.example_input()
     sm = fxsearch.convert(model, (x,)).eval()
     with torch.no_grad():
         sm.get_submodule("fxs_choices.g0").alpha[0, 3] = 5.0
     seen = {}
-    sm.get_submodule("relu1").register_forward_hook(lambda m, a, out: seen.__setitem__("relu", out))
+    sm.get_submodule("bn1").register_forward_hook(lambda m, a, out: seen.__setitem__("bn", out))
     sm.get_submodule("conv2").register_forward_pre_hook(lambda m, a: seen.__setitem__("conv2", a[0]))
     with torch.no_grad():
         sm(x)
-    assert bool((seen["relu"][:, 3] > 0.1).all())  # relu(bn1(0)) = relu(shift) > 0
+    assert bool((seen["bn"][:, 3] > 0.1).all())  # bn1(0) = shift > 0, so relu(shift) > 0
     assert bool((seen["conv2"][:, 3] == 0).all())
 
 

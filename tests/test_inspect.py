@@ -97,7 +97,7 @@ def test_value_rows_name_the_groups_and_layers_whose_channels_they_hold(residual
     g0 = sm.analysis.layers["stem"].group
     assert rows["add"]["groups"] == [g0] and rows["add"]["layers"] == ["stem", "b1_conv2"]
     assert rows["add_1"]["layers"] == ["b2_conv2", "b2_short"]
-    assert rows["relu_2"]["search"] == ["q_relu_2"]                    # the quantizer of its value
+    assert rows["add"]["search"] == ["q_relu_2"]  # the quantizer of its value (relu_2 absorbed in it)
     assert rows[f"theta_g{g0}"]["role"] == "choice" and rows[f"theta_g{g0}"]["shape"] == [4, 8]
     assert rows[f"theta_g{g0}"]["w_chosen"] == {0: 2, 2: 1, 4: 0, 8: 5}
 
