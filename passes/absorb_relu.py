@@ -3,7 +3,8 @@ is left out of the search graph.
 
 clip(x, 0, a) = clip(relu(x), 0, a), so a ReLU whose only reader is an unsigned `q_` node
 (ActSearch, lower bound fixed at 0) computes nothing the quantizer does not: each training
-step saves a pass over the tensor each way and the tensor the ReLU kept for its backward.
+step saves a pass over the tensor each way (the memory stays: the quantizer keeps its input
+for the backward where the ReLU kept its output).
 Gradients are the same except at inputs exactly 0, where the ReLU's subgradient is taken as 1
 instead of 0 (the quantizer passes gradients on [0, a]).
 
