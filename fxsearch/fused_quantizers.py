@@ -1,21 +1,25 @@
-"""The mixed-precision quantizers of fxsearch.quantizers as single fused loops (torch.compile).
+"""The mixed-precision quantizers of fxsearch.quantizers as single fused loops (inductor).
 
 Eager PyTorch runs each quantizer as a dozen passes over a (precisions x tensor) stack; here
 the same arithmetic in the same order (divide by the scale, round half to even, clamp to the
 code range, multiply by scale and theta, sum the precisions from 0 upwards) is compiled into
 one loop per forward and one per backward, with no stack in memory. Forward values equal the
 eager ones; gradients agree to float rounding (sums run in another order). Opt-in
-(``SearchModel.fuse_quantizers()``): the first step compiles, tens of seconds per layer shape
-family, cached on disk by torch. Where compiling fails, the eager quantizers take over.
-CPU only (fxsearch.quantizers._fused): GPU code may divide with a non-IEEE instruction.
+(``SearchModel.fuse_quantizers()``): the first step compiles (a few kernels, each shared by
+layers of every shape; cached on disk by torch). Where compiling fails, the eager quantizers
+take over. CPU only (fxsearch.quantizers._fused): GPU code may divide with a non-IEEE
+instruction.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
 import torch
+import torch._inductor
 import torch.fx.experimental._config as fx_config
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from .quantizers import _cannot_saturate, _saturates, act_grid, weight_scale
 
@@ -31,15 +35,14 @@ def _in_order(term, count: int) -> torch.Tensor:
     return out
 
 
-# The kernels take tensors as the caller holds them plus the shape to view them in: views made
-# outside would add guards on their bases, and a recompilation per layer. Each returns what
-# autograd wants, the few per-precision numbers included: the small ops around a compiled
-# call would cost more than the loop (a dozen dispatches of a few microseconds each).
-def _act_forward(x, shape, lo, hi, bits, theta, mask, may_saturate: bool):
+# The kernels take activations viewed (A, C, R), C the dims a mask spans (a mask is (C,)), and
+# weights viewed (C_out, K), so that layers of every kind share compiled code. Each returns what
+# autograd wants, the few per-precision numbers included: the small ops around a compiled call
+# would cost more than the loop (a dozen dispatches of a few microseconds each).
+def _act_forward(x, lo, hi, bits, theta, mask=None, *, may_saturate: bool):
     """The quantized tensor and the grid (scale, zero point, top code) for the backward.
     may_saturate=False leaves out the code range clamp (half the loop's time), for callers
     that know no code can leave its grid (_cannot_saturate)."""
-    x = x.reshape(shape)
     scale, zp, levels = act_grid(lo, hi, bits)
     scaled_theta = scale * theta
     y = torch.clamp(x, lo, hi)
@@ -49,16 +52,16 @@ def _act_forward(x, shape, lo, hi, bits, theta, mask, may_saturate: bool):
         return torch.clamp(t, -zp[p], levels[p] - zp[p]) if may_saturate else t
 
     out = _in_order(lambda p: code(p) * scaled_theta[p], len(bits))
-    return (out if mask is None else out * mask.reshape(1, shape[1], 1)), scale, zp, levels
+    return (out if mask is None else out * mask.reshape(1, -1, 1)), scale, zp, levels
 
 
-def _act_grads(x, grad, shape, lo, hi, scale, levels, theta, mask, live, q, ys, his, los):
+def _act_grads(x, grad, lo, hi, scale, levels, theta, mask, live, q, ys, his, los):
     """grad_x and the gradients of lo, hi, theta and the mask from the per-precision and
     per-channel sums against grad (each (P, C), C the mask's dim of (A, C, R)) of the codes
     and, where the code is inside its grid, of y, [x > hi], [x < lo]; `live` the factor of
     grad_x where lo <= x <= hi."""
     if mask is not None:
-        c = mask.reshape(1, shape[1], 1)
+        c = mask.reshape(1, -1, 1)
         live = live * c
         q_m, ys_m, his_m, los_m = ((v * c.reshape(1, -1)).sum(1) for v in (q, ys, his, los))
     else:
@@ -71,10 +74,9 @@ def _act_grads(x, grad, shape, lo, hi, scale, levels, theta, mask, live, q, ys, 
     return grad_x, grad_lo, grad_hi, q_m * scale, grad_mask
 
 
-def _act_backward(x, grad, shape, lo, hi, scale, zp, levels, theta, mask):
+def _act_backward(x, grad, lo, hi, scale, zp, levels, theta, mask=None):
     """All gradients (_act_grads) where codes may saturate: every sum per precision, over
     the codes inside their grid. One term per precision, unrolled: no (P, ...) stack in memory."""
-    x, grad = x.reshape(shape), grad.reshape(shape)
     y = torch.clamp(x, lo, hi)
     above, below = (x > hi).to(x.dtype), (x < lo).to(x.dtype)
     sums, live = [[], [], [], []], 0
@@ -85,40 +87,38 @@ def _act_backward(x, grad, shape, lo, hi, scale, zp, levels, theta, mask):
         live = live + inside * theta[p]
         for k, v in enumerate((torch.clamp(t, -zp[p], levels[p] - zp[p]) * grad, gi * y, gi * above, gi * below)):
             sums[k].append(v.sum((0, 2)))
-    return _act_grads(x, grad, shape, lo, hi, scale, levels, theta, mask, live, *[torch.stack(v) for v in sums])
+    return _act_grads(x, grad, lo, hi, scale, levels, theta, mask, live, *[torch.stack(v) for v in sums])
 
 
-def _act_backward_inside(x, grad, shape, lo, hi, scale, levels, theta, mask):
+def _act_backward_inside(x, grad, lo, hi, scale, levels, theta, mask=None):
     """_act_backward where no code can saturate (every code is inside its grid, as for clip
     ranges with lo = 0): y, [x > hi], [x < lo] are summed once, not once per precision."""
-    x, grad = x.reshape(shape), grad.reshape(shape)
     y = torch.clamp(x, lo, hi)
     q = torch.stack([(torch.round(y / scale[p]) * grad).sum((0, 2)) for p in range(len(scale))])
     ys, his, los = ((v * grad).sum((0, 2)).expand_as(q)
                     for v in (y, (x > hi).to(x.dtype), (x < lo).to(x.dtype)))
-    return _act_grads(x, grad, shape, lo, hi, scale, levels, theta, mask, theta.sum(), q, ys, his, los)
+    return _act_grads(x, grad, lo, hi, scale, levels, theta, mask, theta.sum(), q, ys, his, los)
 
 
-def _weight_forward(w, k, bits, theta):
-    """The quantized weight (w viewed (C, K), theta (P, C)) and its scales (P, C)."""
+def _weight_forward(w, bits, theta):
+    """The quantized weight (w (C, K), theta (P, C)) and its scales (P, C)."""
     scale = weight_scale(w, bits)
-    w = w.reshape(-1, k)
     s, t = scale.unsqueeze(2), theta.unsqueeze(2)
     return _in_order(lambda p: torch.round(w / s[p]) * s[p] * t[p], len(bits)), scale
 
 
-def _weight_backward(w, grad, k, scale, theta):
+def _weight_backward(w, grad, scale, theta):
     """grad_w (straight through, times sum_p theta) and grad_theta = <grad_c, Q_p(W_c)>."""
-    w, grad = w.reshape(-1, k), grad.reshape(-1, k)
     grad_theta = (torch.round(w.unsqueeze(0) / scale.unsqueeze(2)) * grad.unsqueeze(0)).sum(2) * scale
     return grad * theta.sum(0).unsqueeze(1), grad_theta
 
 
-def _shape_3d(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[int, int, int] | None:
-    """(A, C, R) to view x in, C the dims the mask spans (the mask is then (1, C, 1)), so that
-    layers of every kind share compiled graphs. None where the mask's dims are not adjacent."""
+def _view_3d(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[int, int, int] | None:
+    """(A, C, R) to view x in, C the dims the mask spans (the mask is then (C,)), so that
+    layers of every kind share compiled code; (numel, 1, 1) without a mask. None where the
+    mask's dims are not adjacent."""
     if mask is None:
-        return 1, x.numel(), 1
+        return x.numel(), 1, 1
     m = (1,) * (x.dim() - mask.dim()) + tuple(mask.shape)
     full = [i for i in range(x.dim()) if m[i] != 1] or [0]
     a, b = full[0], full[-1] + 1
@@ -127,25 +127,54 @@ def _shape_3d(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[int, int, int
     return math.prod(x.shape[:a]), math.prod(x.shape[a:b]), math.prod(x.shape[b:])
 
 
-_KERNELS: dict[str, object] = {}
-# no guards on sizes that happen to be equal (one patch object: building one per call costs 3x)
+# Compiled code is called directly, without torch.compile's frame evaluation and guards (about
+# 20 us per call, more than the loop itself for small tensors). Traced with symbolic sizes
+# (make_fx) and compiled by inductor once per family (kernel, static arguments, dtype, device
+# and rank of each tensor); a call with new sizes or strides takes the first of its family's
+# functions whose guards (the size assumptions of tracing and code generation: sizes 0 and 1
+# are specialised, some loop choices depend on size ranges) the new sizes meet, or compiles
+# one more.
+_FAMILIES: dict[tuple, list[tuple[list, object]]] = {}  # family -> [(traced placeholders, function)]
+_BY_LAYOUT: dict[tuple, object] = {}  # family, sizes and strides -> function
+# no size relations assumed from sizes that happen to be equal at tracing
 _NO_DUCK_SHAPES = fx_config.patch(use_duck_shape=False)
 
 
-def _run(name: str, fn, *args):
-    """fn compiled (once per name) and run; None once compiling has failed (callers go eager)."""
+def _compile(family: tuple, fn, tensors: list[torch.Tensor]):
+    compiled = _FAMILIES.setdefault(family, [])
+    for placeholders, function in compiled:
+        if placeholders[0].fake_mode.shape_env.evaluate_guards_for_args(placeholders, tensors, ignore_static=False):
+            return function
+    with _NO_DUCK_SHAPES:
+        gm = make_fx(fn, tracing_mode="symbolic")(*tensors)
+    placeholders = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    function = torch._inductor.compile(gm, placeholders)
+    compiled.append((placeholders, function))
+    return function
+
+
+def _run(name: str, fn, *tensors: torch.Tensor, **static):
+    """fn(*tensors, **static) compiled and run (static: Python values and None, part of the
+    code); None once compiling has failed in this process (callers go eager)."""
     if _FAILED:
         return None
-    if name not in _KERNELS:
-        _KERNELS[name] = torch.compile(fn, dynamic=True)
-    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]  # no requires_grad guards
+    tensors = [t.detach() for t in tensors]
+    layout = (name, *static.items(), *((t.dtype, t.device, t.shape, t.stride()) for t in tensors))
     try:
-        with _NO_DUCK_SHAPES:
-            return _KERNELS[name](*args)
+        function = _BY_LAYOUT.get(layout)
+        if function is None:
+            family = (name, *static.items(), *((t.dtype, t.device, t.dim()) for t in tensors))
+            function = _BY_LAYOUT[layout] = _compile(family, functools.partial(fn, **static), tensors)
+        return function(*tensors)
     except Exception as err:  # no C++ compiler, an unsupported backend, ...: eager from now on
         _FAILED.append(f"{type(err).__name__}: {err}")
         warnings.warn(f"fxsearch: fused quantizers could not be compiled, using the eager ones ({_FAILED[0][:200]})")
         return None
+
+
+def compiled_kernels() -> set[str]:
+    """The kernels compiled so far in this process (act_forward, weight_backward, ...)."""
+    return {family[0] for family, functions in _FAMILIES.items() if functions}
 
 
 def available() -> bool:
@@ -159,10 +188,13 @@ class FusedActQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lo, hi, theta, bits, mask=None):
         from .quantizers import MixedActQuant
-        shape = _shape_3d(x, mask)
+        shape = _view_3d(x, mask)
         may_saturate = not _cannot_saturate(lo, hi)
-        got = None if shape is None else _run("act_forward", _act_forward, x, shape, lo, hi, bits, theta, mask,
-                                             may_saturate)
+        got = None
+        if shape is not None:
+            masks = () if mask is None else (mask.reshape(-1),)
+            got = _run("act_forward", _act_forward, x.reshape(shape), lo, hi, bits, theta, *masks,
+                       may_saturate=may_saturate)
         if got is None:
             return MixedActQuant.forward(ctx, x, lo, hi, theta, bits, mask)
         out, scale, zp, levels = got
@@ -180,13 +212,13 @@ class FusedActQuant(torch.autograd.Function):
         x, lo, hi, theta, bits, mask = ctx.saved_tensors
         need_x, need_lo, need_hi, need_theta, _, need_mask = ctx.needs_input_grad
         scale, zp, levels = ctx.grid
-        shape = _shape_3d(x, mask) if mask is not None else (x.numel(), 1, 1)
+        shape = _view_3d(x, mask)
+        x3, grad3 = x.reshape(shape), grad.contiguous().view(shape)
+        masks = () if mask is None else (mask.reshape(-1),)
         if ctx.saturates:
-            got = _run("act_backward", _act_backward, x, grad.contiguous(), shape, lo, hi, scale, zp, levels,
-                       theta, mask)
+            got = _run("act_backward", _act_backward, x3, grad3, lo, hi, scale, zp, levels, theta, *masks)
         else:
-            got = _run("act_backward_inside", _act_backward_inside, x, grad.contiguous(), shape, lo, hi, scale,
-                       levels, theta, mask)
+            got = _run("act_backward_inside", _act_backward_inside, x3, grad3, lo, hi, scale, levels, theta, *masks)
         if got is None:
             ctx.saturates = True  # the general path: right whether or not a code saturates
             return MixedActQuant.backward(ctx, grad)
@@ -202,7 +234,7 @@ class FusedWeightQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, theta, bits):
         from .quantizers import MixedWeightQuant
-        got = _run("weight_forward", _weight_forward, w, w[0].numel(), bits, theta)
+        got = _run("weight_forward", _weight_forward, w.reshape(len(w), -1), bits, theta)
         if got is None:
             return MixedWeightQuant.forward(ctx, w, theta, bits)
         out, scale = got
@@ -213,7 +245,8 @@ class FusedWeightQuant(torch.autograd.Function):
     def backward(ctx, grad):
         from .quantizers import MixedWeightQuant
         w, theta, scale = ctx.saved_tensors
-        got = _run("weight_backward", _weight_backward, w, grad.contiguous(), w[0].numel(), scale, theta)
+        got = _run("weight_backward", _weight_backward, w.reshape(len(w), -1),
+                   grad.contiguous().view(len(w), -1), scale, theta)
         if got is None:
             return MixedWeightQuant.backward(ctx, grad)
         grad_w, grad_theta = got

@@ -81,14 +81,13 @@ class SearchModel(torch.fx.GraphModule):
     fused_cost = False  # fuse_quantizers() sets it
 
     def fuse_quantizers(self, enabled: bool = True, cost: bool = True) -> "SearchModel":
-        """Run the quantizers of training steps as compiled loops (torch.compile; see
-        fxsearch.fused_quantizers): same values, after a first step that compiles (tens of
-        seconds, cached on disk). Tensors of fewer than quantizers.FUSED_MIN_NUMEL elements stay
-        eager (a compiled call's fixed cost outweighs the gain there). With ``cost`` the
+        """Run the quantizers of training steps as compiled loops (inductor, called without
+        torch.compile's per-call guards; see fxsearch.fused_quantizers): same values, after a
+        first step that compiles (seconds to tens of seconds, cached on disk). With ``cost`` the
         train-mode cost (``cost``, ``costs``, ``cost_of``) runs as one compiled graph too, from
         its second evaluation on (fxsearch.cost_models; values to float rounding). A training
-        step gains 8-18 % (bench/step_overhead.py: DS-CNN least, ResNet-18 most).
-        CPU only; eval, no-grad passes and other devices stay eager."""
+        step gains 12-20 % (bench/step_overhead.py). CPU only; eval, no-grad passes and other
+        devices stay eager."""
         for m in self.modules():
             if isinstance(m, (ActSearch, WeightSearchMixin)):
                 m.fused = enabled

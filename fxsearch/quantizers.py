@@ -63,18 +63,11 @@ class MixedWeightQuant(torch.autograd.Function):
         return grad_w, grad_theta, None
 
 
-# Below this many elements a compiled quantizer's fixed cost (its set-up, guards and wrappers,
-# forward and backward: tens of microseconds) exceeds what one loop saves over the eager
-# kernels (measured: bench/step_overhead.py, ResNet-8/-18, DS-CNN).
-FUSED_MIN_NUMEL = 2 ** 17
-
-
 def _fused(fused: bool, t: torch.Tensor) -> bool:
     """Whether to take the compiled quantizers (fxsearch.fused_quantizers): asked for, a
-    gradient wanted (without one the eager path skips idle precisions), on the CPU (where the
-    compiled division is IEEE's; GPU code generation was not checked for it), and a tensor
-    of at least FUSED_MIN_NUMEL elements."""
-    return fused and torch.is_grad_enabled() and t.device.type == "cpu" and t.numel() >= FUSED_MIN_NUMEL
+    gradient wanted (without one the eager path skips idle precisions), and on the CPU (where
+    the compiled division is IEEE's; GPU code generation was not checked for it)."""
+    return fused and torch.is_grad_enabled() and t.device.type == "cpu"
 
 
 def fake_quant_weight(w: torch.Tensor, bits: torch.Tensor, theta: torch.Tensor, fused: bool = False) -> torch.Tensor:

@@ -84,10 +84,9 @@ def test_act_quant_with_mask_and_saturating_codes_matches_reference():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a, b)
 
 
-def test_fused_quantizers_match_the_eager_ones(monkeypatch):
+def test_fused_quantizers_match_the_eager_ones():
     """The compiled quantizers (SearchModel.fuse_quantizers) give the eager values exactly and
     their gradients to float rounding; where compiling fails they fall back to the eager ones."""
-    monkeypatch.setattr(quantizers, "FUSED_MIN_NUMEL", 0)  # these small tensors too
     torch.manual_seed(3)
     bits = torch.tensor([2.0, 4.0, 8.0])
     cases = [  # unsigned with a per-channel mask; signed, no mask; a saturating 2-bit grid with a mask
@@ -111,7 +110,7 @@ def test_fused_quantizers_match_the_eager_ones(monkeypatch):
             assert torch.allclose(a, c, rtol=1e-4, atol=1e-4), (a, c)
     # the compiled loops ran (no silent eager fallback), both backward kernels among them
     assert fused_quantizers.available(), fused_quantizers._FAILED
-    assert {"act_forward", "act_backward", "act_backward_inside"} <= set(fused_quantizers._KERNELS)
+    assert {"act_forward", "act_backward", "act_backward_inside"} <= fused_quantizers.compiled_kernels()
     w = torch.randn(6, 4, 3, 3)
     theta = torch.softmax(torch.randn(3, 6), 0)
     g = torch.randn(6, 4, 3, 3)
@@ -123,7 +122,7 @@ def test_fused_quantizers_match_the_eager_ones(monkeypatch):
     assert torch.equal(results[0][0], results[1][0])
     for a, c in zip(results[0][1], results[1][1]):
         assert torch.allclose(a, c, rtol=1e-4, atol=1e-5)
-    assert {"weight_forward", "weight_backward"} <= set(fused_quantizers._KERNELS)
+    assert {"weight_forward", "weight_backward"} <= fused_quantizers.compiled_kernels()
 
 
 def test_unsigned_ranges_are_decided_not_to_saturate_as_the_general_test_finds():
