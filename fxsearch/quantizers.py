@@ -65,9 +65,10 @@ class MixedWeightQuant(torch.autograd.Function):
 
 def _fused(fused: bool, t: torch.Tensor) -> bool:
     """Whether to take the compiled quantizers (fxsearch.fused_quantizers): asked for, a
-    gradient wanted (without one the eager path skips idle precisions), and on the CPU (where
-    the compiled division is IEEE's; GPU code generation was not checked for it)."""
-    return fused and torch.is_grad_enabled() and t.device.type == "cpu"
+    gradient wanted (without one the eager path skips idle precisions), on the CPU (where the
+    compiled division is IEEE's; GPU code generation was not checked for it), in float32 (the
+    tracer turns float64 clip bounds into Python numbers, which inductor cannot take)."""
+    return fused and torch.is_grad_enabled() and t.device.type == "cpu" and t.dtype == torch.float32
 
 
 def fake_quant_weight(w: torch.Tensor, bits: torch.Tensor, theta: torch.Tensor, fused: bool = False) -> torch.Tensor:

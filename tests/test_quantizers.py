@@ -139,3 +139,37 @@ def test_unsigned_ranges_are_decided_not_to_saturate_as_the_general_test_finds()
         assert not bool(((ends < 0) | (ends > levels)).any()), float(hi)
         assert not quantizers._saturates(lo, hi, scale, zp, levels)
     assert quantizers._saturates(lo, torch.tensor(-1.0), *quantizers.act_grid(lo, torch.tensor(-1.0), bits))
+
+
+def test_fused_code_is_shared_by_the_sizes_its_guards_admit(monkeypatch):
+    """One compiled forward serves sizes it was not traced with; a size its code specialised
+    (a dimension of 1) gets code of its own, and every size gets the eager values."""
+    monkeypatch.setattr(fused_quantizers, "_FAMILIES", {})  # none compiled yet (the disk cache stays)
+    monkeypatch.setattr(fused_quantizers, "_BY_LAYOUT", {})
+    torch.manual_seed(5)
+    bits = torch.tensor([2.0, 4.0, 8.0])
+    lo, hi = torch.tensor(0.0), torch.tensor(2.0)
+    theta = torch.softmax(torch.randn(3), 0)
+    counts = []
+    for shape in [(4, 8, 6, 6), (3, 5, 7, 2), (2, 8, 1, 1)]:
+        x = 3 * torch.randn(shape)
+        mask = torch.rand(1, shape[1], 1, 1)
+        with torch.enable_grad():
+            fused = fake_quant_act(x, lo, hi, bits, theta, mask, fused=True)
+        assert torch.equal(fused, fake_quant_act(x, lo, hi, bits, theta, mask))
+        counts.append(sum(len(fs) for family, fs in fused_quantizers._FAMILIES.items() if family[0] == "act_forward"))
+    assert counts == [1, 1, 2]
+    assert len(fused_quantizers._BY_LAYOUT) == 3
+
+
+def test_float64_quantizers_stay_eager():
+    """The tracer turns float64 clip bounds into Python numbers inductor cannot compile: a
+    float64 model keeps the eager quantizers, and compiling stays available for float32."""
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    lo, hi = torch.tensor(0.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)
+    theta = torch.full((3,), 1 / 3, dtype=torch.float64)
+    bits = torch.tensor([2.0, 4.0, 8.0], dtype=torch.float64)
+    out = fake_quant_act(x, lo, hi, bits, theta, fused=True)
+    assert out.grad_fn.name() == "MixedActQuantBackward"
+    assert torch.equal(out, fake_quant_act(x, lo, hi, bits, theta))
+    assert fused_quantizers.available()
