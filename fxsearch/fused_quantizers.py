@@ -141,6 +141,7 @@ _NO_DUCK_SHAPES = fx_config.patch(use_duck_shape=False)
 
 
 def _compile(family: tuple, fn, tensors: list[torch.Tensor]):
+    """The family's compiled function whose guards these tensors meet, compiled now if none."""
     compiled = _FAMILIES.setdefault(family, [])
     for placeholders, function in compiled:
         if placeholders[0].fake_mode.shape_env.evaluate_guards_for_args(placeholders, tensors, ignore_static=False):
