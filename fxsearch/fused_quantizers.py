@@ -21,7 +21,7 @@ import torch._inductor
 import torch.fx.experimental._config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .quantizers import _cannot_saturate, _saturates, act_grid, weight_scale
+from .quantizers import _cannot_saturate, _grid_test, act_grid, weight_scale
 
 _FAILED: list[str] = []  # the first compile error, once compiling has failed
 
@@ -202,7 +202,8 @@ class FusedActQuant(torch.autograd.Function):
         ctx.save_for_backward(x, lo, hi, theta, bits, mask)
         ctx.fused = True
         ctx.grid = scale, zp, levels  # three numbers per precision; backward reuses them
-        ctx.saturates = may_saturate and _saturates(lo, hi, scale, zp, levels)
+        ctx.saturates = may_saturate and _grid_test(lo, hi, scale, zp, levels)
+        ctx.shape = shape
         return out.view(x.shape)
 
     @staticmethod
@@ -213,8 +214,7 @@ class FusedActQuant(torch.autograd.Function):
         x, lo, hi, theta, bits, mask = ctx.saved_tensors
         need_x, need_lo, need_hi, need_theta, _, need_mask = ctx.needs_input_grad
         scale, zp, levels = ctx.grid
-        shape = _view_3d(x, mask)
-        x3, grad3 = x.reshape(shape), grad.contiguous().view(shape)
+        x3, grad3 = x.reshape(ctx.shape), grad.contiguous().view(ctx.shape)
         masks = () if mask is None else (mask.reshape(-1),)
         if ctx.saturates:
             got = _run("act_backward", _act_backward, x3, grad3, lo, hi, scale, zp, levels, theta, *masks)

@@ -108,8 +108,11 @@ def _saturates(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, zp: torc
     round(y / s) is monotonic in y, so the codes of the clip bounds decide for every y in
     [lo, hi]; they leave the range only at rounding ties or float error near the bounds.
     """
-    if _cannot_saturate(lo, hi):
-        return False
+    return not _cannot_saturate(lo, hi) and _grid_test(lo, hi, scale, zp, levels)
+
+
+def _grid_test(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, levels: torch.Tensor) -> bool:
+    """_saturates without its shortcut, for callers that have taken it already."""
     ends = torch.round(torch.stack([lo, hi]).unsqueeze(1) / scale) + zp  # (2, P)
     return bool(((ends < 0) | (ends > levels)).any() | (lo > hi))
 
