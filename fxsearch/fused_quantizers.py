@@ -21,7 +21,7 @@ import torch._inductor
 import torch.fx.experimental._config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .quantizers import _cannot_saturate, _grid_test, act_grid, weight_scale
+from .quantizers import _cannot_saturate, _grid_escapes, act_grid, weight_scale
 
 _FAILED: list[str] = []  # the first compile error, once compiling has failed
 
@@ -40,10 +40,12 @@ def _in_order(term, count: int) -> torch.Tensor:
 # autograd wants, the few per-precision numbers included: the small ops around a compiled call
 # would cost more than the loop (a dozen dispatches of a few microseconds each).
 def _act_forward(x, lo, hi, bits, theta, mask=None, *, may_saturate: bool):
-    """The quantized tensor and the grid (scale, zero point, top code) for the backward.
+    """The quantized tensor, the grid (scale, zero point, top code) for the backward and
+    whether a code can saturate (_grid_escapes, a bool tensor; False without may_saturate).
     may_saturate=False leaves out the code range clamp (half the loop's time), for callers
     that know no code can leave its grid (_cannot_saturate)."""
     scale, zp, levels = act_grid(lo, hi, bits)
+    escapes = _grid_escapes(lo, hi, scale, zp, levels) if may_saturate else torch.zeros((), dtype=torch.bool)
     scaled_theta = scale * theta
     y = torch.clamp(x, lo, hi)
 
@@ -52,7 +54,13 @@ def _act_forward(x, lo, hi, bits, theta, mask=None, *, may_saturate: bool):
         return torch.clamp(t, -zp[p], levels[p] - zp[p]) if may_saturate else t
 
     out = _in_order(lambda p: code(p) * scaled_theta[p], len(bits))
-    return (out if mask is None else out * mask.reshape(1, -1, 1)), scale, zp, levels
+    return (out if mask is None else out * mask.reshape(1, -1, 1)), scale, zp, levels, escapes
+
+
+def _channel_sum(v: torch.Tensor) -> torch.Tensor:
+    """(A, C, R) -> (C,): the rows of R first (contiguous, one loop per (A, C) row, parallel
+    over them), then over A; 15-30 % faster than one reduction over (0, 2)."""
+    return v.sum(2).sum(0)
 
 
 def _act_grads(x, grad, lo, hi, scale, levels, theta, mask, live, q, ys, his, los):
@@ -86,7 +94,7 @@ def _act_backward(x, grad, lo, hi, scale, zp, levels, theta, mask=None):
         gi = grad * inside
         live = live + inside * theta[p]
         for k, v in enumerate((torch.clamp(t, -zp[p], levels[p] - zp[p]) * grad, gi * y, gi * above, gi * below)):
-            sums[k].append(v.sum((0, 2)))
+            sums[k].append(_channel_sum(v))
     return _act_grads(x, grad, lo, hi, scale, levels, theta, mask, live, *[torch.stack(v) for v in sums])
 
 
@@ -94,23 +102,41 @@ def _act_backward_inside(x, grad, lo, hi, scale, levels, theta, mask=None):
     """_act_backward where no code can saturate (every code is inside its grid, as for clip
     ranges with lo = 0): y, [x > hi], [x < lo] are summed once, not once per precision."""
     y = torch.clamp(x, lo, hi)
-    q = torch.stack([(torch.round(y / scale[p]) * grad).sum((0, 2)) for p in range(len(scale))])
-    ys, his, los = ((v * grad).sum((0, 2)).expand_as(q)
+    q = torch.stack([_channel_sum(torch.round(y / scale[p]) * grad) for p in range(len(scale))])
+    ys, his, los = (_channel_sum(v * grad).expand_as(q)
                     for v in (y, (x > hi).to(x.dtype), (x < lo).to(x.dtype)))
     return _act_grads(x, grad, lo, hi, scale, levels, theta, mask, theta.sum(), q, ys, his, los)
 
 
-def _weight_forward(w, bits, theta):
-    """The quantized weight (w (C, K), theta (P, C)) and its scales (P, C)."""
+def _nonzero_rows(theta, zero_row):
+    """theta without its 0-bit row (zero_row; None: it has none)."""
+    return theta if zero_row is None else torch.cat([theta[:zero_row], theta[zero_row + 1:]])
+
+
+# The weight kernels take theta with every precision's row and the bias, so that a search
+# layer's rows, bias factor and their gradients are part of the compiled call (a handful of
+# small autograd ops per layer and step otherwise).
+def _weight_forward(w, bits, theta, bias=None, *, zero_row):
+    """The quantized weight (w (C, K); theta (P, C), the 0-bit row zero_row or None) with its
+    scales ((P', C), non-zero precisions), and the bias times 1 - theta[zero_row] if given."""
     scale = weight_scale(w, bits)
-    s, t = scale.unsqueeze(2), theta.unsqueeze(2)
-    return _in_order(lambda p: torch.round(w / s[p]) * s[p] * t[p], len(bits)), scale
+    s, t = scale.unsqueeze(2), _nonzero_rows(theta, zero_row).unsqueeze(2)
+    out = _in_order(lambda p: torch.round(w / s[p]) * s[p] * t[p], len(bits))
+    return (out, scale) if bias is None else (out, scale, bias * (1 - theta[zero_row]))
 
 
-def _weight_backward(w, grad, scale, theta):
-    """grad_w (straight through, times sum_p theta) and grad_theta = <grad_c, Q_p(W_c)>."""
-    grad_theta = (torch.round(w.unsqueeze(0) / scale.unsqueeze(2)) * grad.unsqueeze(0)).sum(2) * scale
-    return grad * theta.sum(0).unsqueeze(1), grad_theta
+def _weight_backward(w, grad, scale, theta, grad_bias=None, bias=None, *, zero_row):
+    """grad_w (straight through, times the sum of the non-zero rows of theta), grad_theta
+    (<grad_c, Q_p(W_c)> per non-zero precision; -<grad_bias_c, bias_c> in the 0-bit row)
+    and, with a bias, its gradient."""
+    rows = _nonzero_rows(theta, zero_row)
+    grad_rows = (torch.round(w.unsqueeze(0) / scale.unsqueeze(2)) * grad.unsqueeze(0)).sum(2) * scale
+    grad_w = grad * rows.sum(0).unsqueeze(1)
+    if zero_row is None:
+        return grad_w, grad_rows
+    zero = torch.zeros_like(theta[zero_row]) if bias is None else -grad_bias * bias
+    grad_theta = torch.cat([grad_rows[:zero_row], zero.unsqueeze(0), grad_rows[zero_row:]])
+    return (grad_w, grad_theta) if bias is None else (grad_w, grad_theta, grad_bias * (1 - theta[zero_row]))
 
 
 def _view_3d(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[int, int, int] | None:
@@ -159,13 +185,15 @@ def _run(name: str, fn, *tensors: torch.Tensor, **static):
     code); None once compiling has failed in this process (callers go eager)."""
     if _FAILED:
         return None
-    tensors = [t.detach() for t in tensors]
-    layout = (name, *static.items(), *((t.dtype, t.device, t.shape, t.stride()) for t in tensors))
+    if torch.is_grad_enabled():  # (autograd.Function's forward and backward run without)
+        tensors = [t.detach() for t in tensors]
+    layout = (name, *static.items(), *[(t.dtype, t.device, t.shape, t.stride()) for t in tensors])
     try:
         function = _BY_LAYOUT.get(layout)
         if function is None:
-            family = (name, *static.items(), *((t.dtype, t.device, t.dim()) for t in tensors))
-            function = _BY_LAYOUT[layout] = _compile(family, functools.partial(fn, **static), tensors)
+            family = (name, *static.items(), *[(t.dtype, t.device, t.dim()) for t in tensors])
+            function = _BY_LAYOUT[layout] = _compile(family, functools.partial(fn, **static),
+                                                     [t.detach() for t in tensors])
         return function(*tensors)
     except Exception as err:  # no C++ compiler, an unsupported backend, ...: eager from now on
         _FAILED.append(f"{type(err).__name__}: {err}")
@@ -198,11 +226,11 @@ class FusedActQuant(torch.autograd.Function):
                        may_saturate=may_saturate)
         if got is None:
             return MixedActQuant.forward(ctx, x, lo, hi, theta, bits, mask)
-        out, scale, zp, levels = got
+        out, scale, zp, levels, escapes = got
         ctx.save_for_backward(x, lo, hi, theta, bits, mask)
         ctx.fused = True
         ctx.grid = scale, zp, levels  # three numbers per precision; backward reuses them
-        ctx.saturates = may_saturate and _grid_test(lo, hi, scale, zp, levels)
+        ctx.saturates = may_saturate and bool(escapes)
         ctx.shape = shape
         return out.view(x.shape)
 
@@ -230,26 +258,30 @@ class FusedActQuant(torch.autograd.Function):
 
 
 class FusedWeightQuant(torch.autograd.Function):
-    """MixedWeightQuant (fxsearch.quantizers) as fused loops; same arguments and results."""
+    """A search layer's weight and bias (fxsearch.quantizers.quantized_params) as fused loops.
+
+    forward(w, theta, bits, bias, zero_row): theta (P, C_out) with every precision's row, the
+    0-bit one at zero_row (None: none); returns the weight and, where a bias is given, the bias
+    times 1 - theta[zero_row]. Where compiling fails the same functions run uncompiled.
+    """
 
     @staticmethod
-    def forward(ctx, w, theta, bits):
-        from .quantizers import MixedWeightQuant
-        got = _run("weight_forward", _weight_forward, w.reshape(len(w), -1), bits, theta)
-        if got is None:
-            return MixedWeightQuant.forward(ctx, w, theta, bits)
-        out, scale = got
-        ctx.save_for_backward(w, theta, scale)
-        return out.view(w.shape)
+    def forward(ctx, w, theta, bits, bias, zero_row):
+        biases = () if bias is None else (bias,)
+        w2 = w.reshape(len(w), -1)
+        got = (_run("weight_forward", _weight_forward, w2, bits, theta, *biases, zero_row=zero_row)
+               or _weight_forward(w2, bits, theta, *biases, zero_row=zero_row))
+        ctx.save_for_backward(w, theta, got[1], bias)
+        ctx.zero_row = zero_row
+        return got[0].view(w.shape), (got[2] if biases else None)
 
     @staticmethod
-    def backward(ctx, grad):
-        from .quantizers import MixedWeightQuant
-        w, theta, scale = ctx.saved_tensors
-        got = _run("weight_backward", _weight_backward, w.reshape(len(w), -1),
-                   grad.contiguous().view(len(w), -1), scale, theta)
-        if got is None:
-            return MixedWeightQuant.backward(ctx, grad)
-        grad_w, grad_theta = got
-        need_w, need_theta, _ = ctx.needs_input_grad
-        return grad_w.view(w.shape) if need_w else None, grad_theta if need_theta else None, None
+    def backward(ctx, grad, grad_bias):
+        w, theta, scale, bias = ctx.saved_tensors
+        tensors = (w.reshape(len(w), -1), grad.contiguous().view(len(w), -1), scale, theta)
+        tensors += () if bias is None else (grad_bias, bias)
+        got = (_run("weight_backward", _weight_backward, *tensors, zero_row=ctx.zero_row)
+               or _weight_backward(*tensors, zero_row=ctx.zero_row))
+        need_w, need_theta, _, need_bias, _ = ctx.needs_input_grad
+        return (got[0].view(w.shape) if need_w else None, got[1] if need_theta else None, None,
+                got[2] if need_bias else None, None)

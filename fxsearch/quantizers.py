@@ -74,10 +74,25 @@ def _fused(fused: bool, t: torch.Tensor) -> bool:
 def fake_quant_weight(w: torch.Tensor, bits: torch.Tensor, theta: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """Mixed quantized weight: sum over precisions `bits` (all > 0) of theta[p, c] * Q_p(W_c).
     fused: compiled loops (fxsearch.fused_quantizers), same values."""
+    return quantized_params(w, None, bits, theta, None, fused)[0]
+
+
+def quantized_params(w: torch.Tensor, bias: torch.Tensor | None, bits: torch.Tensor, theta: torch.Tensor,
+                     zero_row: int | None, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A search layer's weight and bias under its precision choice theta ((P, C_out), a row
+    per precision, the 0-bit one at zero_row, None if there is none): sum over the non-zero
+    precisions `bits` of theta[p, c] * Q_p(W_c), and the bias times 1 - theta[zero_row] (the
+    share of the channel kept). fused: compiled loops (fxsearch.fused_quantizers), same values."""
     if _fused(fused, w):
         from .fused_quantizers import FusedWeightQuant
-        return FusedWeightQuant.apply(w, theta, bits)
-    return MixedWeightQuant.apply(w, theta, bits)
+        weight, kept = FusedWeightQuant.apply(w, theta, bits, None if zero_row is None else bias, zero_row)
+        return weight, bias if zero_row is None else kept
+    rows = theta if zero_row is None else theta[1:] if zero_row == 0 else torch.cat(
+        [theta[:zero_row], theta[zero_row + 1:]])  # a view if it can
+    weight = MixedWeightQuant.apply(w, rows, bits)
+    if bias is not None and zero_row is not None:
+        bias = bias * (1 - theta[zero_row])
+    return weight, bias
 
 
 def act_grid(lo: torch.Tensor, hi: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,13 +123,14 @@ def _saturates(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, zp: torc
     round(y / s) is monotonic in y, so the codes of the clip bounds decide for every y in
     [lo, hi]; they leave the range only at rounding ties or float error near the bounds.
     """
-    return not _cannot_saturate(lo, hi) and _grid_test(lo, hi, scale, zp, levels)
+    return not _cannot_saturate(lo, hi) and bool(_grid_escapes(lo, hi, scale, zp, levels))
 
 
-def _grid_test(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, levels: torch.Tensor) -> bool:
-    """_saturates without its shortcut, for callers that have taken it already."""
+def _grid_escapes(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
+                  levels: torch.Tensor) -> torch.Tensor:
+    """_saturates without its shortcut, as a bool tensor (the fused forward computes it in its loop)."""
     ends = torch.round(torch.stack([lo, hi]).unsqueeze(1) / scale) + zp  # (2, P)
-    return bool(((ends < 0) | (ends > levels)).any() | (lo > hi))
+    return ((ends < 0) | (ends > levels)).any() | (lo > hi)
 
 
 class MixedActQuant(torch.autograd.Function):

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .conv_input_grad import conv_forward
-from .quantizers import fake_quant_act, fake_quant_weight, sample_choice
+from .quantizers import fake_quant_act, quantized_params, sample_choice
 
 
 def is_arange(index: torch.Tensor, n: int | None = None) -> bool:
@@ -130,6 +130,7 @@ class WeightSearchMixin:
         self.precisions = tuple(precisions)
         nonzero = [i for i, p in enumerate(precisions) if p > 0]
         self.register_buffer("bits", torch.tensor([precisions[i] for i in nonzero], dtype=torch.float))
+        # not read any more (quantized_params slices theta); kept for the checkpoints that hold it
         self.register_buffer("nonzero_rows", torch.tensor(nonzero, dtype=torch.long))
         self.zero_row = precisions.index(0) if 0 in precisions else None
         self.register_buffer("unit_index", unit_index)
@@ -139,12 +140,7 @@ class WeightSearchMixin:
 
     def effective_params(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         t = self.channel_theta(theta).to(self.weight.dtype)
-        rows = t if self.zero_row is None else t[1:] if self.zero_row == 0 else t[self.nonzero_rows]  # a view if it can
-        weight = fake_quant_weight(self.weight, self.bits, rows, self.fused)
-        bias = self.bias
-        if bias is not None and self.zero_row is not None:
-            bias = bias * (1 - t[self.zero_row])
-        return weight, bias
+        return quantized_params(self.weight, self.bias, self.bits, t, self.zero_row, self.fused)
 
     @classmethod
     def from_float(cls, module: nn.Module, precisions, unit_index: torch.Tensor | None):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from fxsearch import fused_quantizers, quantizers
-from fxsearch.quantizers import act_scale_zero_point, fake_quant_act, fake_quant_weight, round_ste, weight_absmax
+from fxsearch.quantizers import (act_scale_zero_point, fake_quant_act, fake_quant_weight, quantized_params, round_ste,
+                                 weight_absmax)
 
 
 def _reference_weight(w, bits, theta):
@@ -173,3 +174,35 @@ def test_float64_quantizers_stay_eager():
     assert out.grad_fn.name() == "MixedActQuantBackward"
     assert torch.equal(out, fake_quant_act(x, lo, hi, bits, theta))
     assert fused_quantizers.available()
+
+
+def test_fused_layer_params_match_the_eager_ones():
+    """A search layer's weight and bias (quantized_params): the compiled kernels take every
+    precision's row of theta and the bias; values equal eager, gradients (the 0-bit row's from
+    the bias included) to float rounding, wherever the 0-bit row is and with or without a bias."""
+    torch.manual_seed(5)
+    for bits, zero_row, with_bias in (((2.0, 4.0, 8.0), 0, True), ((2.0, 4.0, 8.0), 0, False),
+                                      ((4.0, 8.0), 1, True), ((2.0, 4.0, 8.0), None, True)):
+        bits = torch.tensor(bits)
+        rows = len(bits) + (zero_row is not None)
+        w, bias = torch.randn(6, 4, 3), torch.randn(6)
+        theta = torch.softmax(torch.randn(rows, 6), 0)
+        g, g_bias = torch.randn(6, 4, 3), torch.randn(6)
+        results = []
+        for fused in (False, True):
+            leaves = [w.clone().requires_grad_(), theta.clone().requires_grad_()]
+            leaves += [bias.clone().requires_grad_()] if with_bias else []
+            weight, b = quantized_params(leaves[0], leaves[2] if with_bias else None, bits, leaves[1], zero_row, fused)
+            loss = (weight * g).sum() + ((b * g_bias).sum() if with_bias else 0)
+            results.append(((weight, b), torch.autograd.grad(loss, leaves)))
+        (eager, eager_grads), (fused, fused_grads) = results
+        assert torch.equal(eager[0], fused[0])
+        assert (eager[1] is None) == (fused[1] is None) == (not with_bias)
+        if with_bias:
+            assert torch.equal(eager[1], fused[1])
+        for a, c in zip(eager_grads, fused_grads):
+            assert torch.allclose(a, c, rtol=1e-4, atol=1e-5), (a, c)
+        if zero_row is not None:  # the 0-bit row's gradient comes from the bias alone
+            want = -(g_bias * bias) if with_bias else torch.zeros(6)
+            assert torch.allclose(fused_grads[1][zero_row], want, atol=1e-6)
+    assert fused_quantizers.available(), fused_quantizers._FAILED
