@@ -55,9 +55,18 @@ class GroupChoice(_Choice):
         if 0 in precisions:
             allowed[precisions.index(0), frozen] = False
         self.register_buffer("allowed", allowed)
+        self._note_frozen()
+
+    def _note_frozen(self) -> None:
+        self.any_frozen = not bool(self.allowed.all())
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._note_frozen()  # `allowed` may have come with the state
 
     def logits(self) -> torch.Tensor:
-        return torch.where(self.allowed, self.alpha, float("-inf"))
+        # where() only if a unit is frozen: one op forward and two backward less per group per step
+        return torch.where(self.allowed, self.alpha, float("-inf")) if self.any_frozen else self.alpha
 
     def forward(self) -> torch.Tensor:
         return self.theta()

@@ -361,6 +361,19 @@ def test_exclude_keeps_layer_out():
     assert sm.get_submodule("fxs_choices.g0").allowed[0].tolist() == [False] * 8
 
 
+def test_group_choice_logits_exclude_frozen_units_from_zero_bits():
+    """Frozen units get -inf at 0 bits; a group with none frozen hands its alpha over as it is,
+    and a state with frozen units loaded into it takes effect."""
+    some = GroupChoice((0, 2, 4, 8), torch.tensor([False, True, False]), "softmax", 1.0)
+    logits = some.logits()
+    assert logits[0, 1] == float("-inf") and torch.equal(logits[:, [0, 2]], some.alpha[:, [0, 2]])
+    assert float(some.theta()[0, 1]) == 0.0
+    free = GroupChoice((0, 2, 4, 8), torch.zeros(3, dtype=torch.bool), "softmax", 1.0)
+    assert free.logits() is free.alpha
+    free.load_state_dict(some.state_dict())
+    assert free.logits()[0, 1] == float("-inf") and float(free.theta()[0, 1]) == 0.0
+
+
 def test_exclude_by_type_keeps_every_such_layer_out():
     sm = fxsearch.convert(M.Residual(), (M.example_input(),), exclude=(nn.Linear,))
     assert type(sm.fc) is nn.Linear
