@@ -3,11 +3,12 @@
 Eager PyTorch runs each quantizer as a dozen passes over a (precisions x tensor) stack; here
 the same arithmetic in the same order (divide by the scale, round half to even, clamp to the
 code range, multiply by scale and theta, sum the precisions from 0 upwards) is compiled into
-one loop per forward and one per backward, with no stack in memory. Forward values equal the
-eager ones; gradients agree to float rounding (sums run in another order). Opt-in
-(``SearchModel.fuse_quantizers()``): the first step compiles (a few kernels, each shared by
-layers of every shape; cached on disk by torch). Where compiling fails, the eager quantizers
-take over. CPU only (fxsearch.quantizers._fused): GPU code may divide with a non-IEEE
+one loop per forward and one per backward, with no stack in memory; a weight kernel also
+takes the layer's bias and 0-bit row of theta (the pruned share), an activation forward its
+saturation test. Forward values equal the eager ones; gradients agree to float rounding (sums
+run in another order). Opt-in (``SearchModel.fuse_quantizers()``): the first step compiles
+(a few kernels, each shared by layers of every shape; cached on disk by torch). Where
+compiling fails, the eager quantizers take over (for weights, the same functions uncompiled). CPU only (fxsearch.quantizers._fused): GPU code may divide with a non-IEEE
 instruction.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch._inductor
 import torch.fx.experimental._config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .quantizers import MixedActQuant, _cannot_saturate, _grid_escapes, act_grid, weight_scale
+from .quantizers import MixedActQuant, _cannot_saturate, _grid_escapes, act_grid, nonzero_rows, weight_scale
 
 _FAILED: list[str] = []  # the first compile error, once compiling has failed
 
@@ -108,11 +109,6 @@ def _act_backward_inside(x, grad, lo, hi, scale, levels, theta, mask=None):
     return _act_grads(x, grad, lo, hi, scale, levels, theta, mask, theta.sum(), q, ys, his, los)
 
 
-def _nonzero_rows(theta, zero_row):
-    """theta without its 0-bit row (zero_row; None: it has none)."""
-    return theta if zero_row is None else torch.cat([theta[:zero_row], theta[zero_row + 1:]])
-
-
 # The weight kernels take theta with every precision's row and the bias, so that a search
 # layer's rows, bias factor and their gradients are part of the compiled call (a handful of
 # small autograd ops per layer and step otherwise).
@@ -120,7 +116,7 @@ def _weight_forward(w, bits, theta, bias=None, *, zero_row):
     """The quantized weight (w (C, K); theta (P, C), the 0-bit row zero_row or None) with its
     scales ((P', C), non-zero precisions), and the bias times 1 - theta[zero_row] if given."""
     scale = weight_scale(w, bits)
-    s, t = scale.unsqueeze(2), _nonzero_rows(theta, zero_row).unsqueeze(2)
+    s, t = scale.unsqueeze(2), nonzero_rows(theta, zero_row).unsqueeze(2)
     out = _in_order(lambda p: torch.round(w / s[p]) * s[p] * t[p], len(bits))
     return (out, scale) if bias is None else (out, scale, bias * (1 - theta[zero_row]))
 
@@ -129,7 +125,7 @@ def _weight_backward(w, grad, scale, theta, grad_bias=None, bias=None, *, zero_r
     """grad_w (straight through, times the sum of the non-zero rows of theta), grad_theta
     (<grad_c, Q_p(W_c)> per non-zero precision; -<grad_bias_c, bias_c> in the 0-bit row)
     and, with a bias, its gradient."""
-    rows = _nonzero_rows(theta, zero_row)
+    rows = nonzero_rows(theta, zero_row)
     grad_rows = (torch.round(w.unsqueeze(0) / scale.unsqueeze(2)) * grad.unsqueeze(0)).sum(2) * scale
     grad_w = grad * rows.sum(0).unsqueeze(1)
     if zero_row is None:

@@ -77,6 +77,13 @@ def fake_quant_weight(w: torch.Tensor, bits: torch.Tensor, theta: torch.Tensor, 
     return quantized_params(w, None, bits, theta, None, fused)[0]
 
 
+def nonzero_rows(theta: torch.Tensor, zero_row: int | None) -> torch.Tensor:
+    """theta without its 0-bit row (zero_row; None: it has none), a view where it can be."""
+    if zero_row is None:
+        return theta
+    return theta[1:] if zero_row == 0 else torch.cat([theta[:zero_row], theta[zero_row + 1:]])
+
+
 def quantized_params(w: torch.Tensor, bias: torch.Tensor | None, bits: torch.Tensor, theta: torch.Tensor,
                      zero_row: int | None, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A search layer's weight and bias under its precision choice theta ((P, C_out), a row
@@ -87,9 +94,7 @@ def quantized_params(w: torch.Tensor, bias: torch.Tensor | None, bits: torch.Ten
         from .fused_quantizers import FusedWeightQuant
         weight, kept = FusedWeightQuant.apply(w, theta, bits, None if zero_row is None else bias, zero_row)
         return weight, bias if zero_row is None else kept
-    rows = theta if zero_row is None else theta[1:] if zero_row == 0 else torch.cat(
-        [theta[:zero_row], theta[zero_row + 1:]])  # a view if it can
-    weight = MixedWeightQuant.apply(w, rows, bits)
+    weight = MixedWeightQuant.apply(w, nonzero_rows(theta, zero_row), bits)
     if bias is not None and zero_row is not None:
         bias = bias * (1 - theta[zero_row])
     return weight, bias
