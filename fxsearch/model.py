@@ -86,7 +86,7 @@ class SearchModel(torch.fx.GraphModule):
         first step that compiles (seconds to tens of seconds, cached on disk). With ``cost`` the
         train-mode cost (``cost``, ``costs``, ``cost_of``) runs as one compiled graph too, from
         its second evaluation on (fxsearch.cost_models; values to float rounding). A training
-        step takes 20-26 % less time (bench/step_overhead.py). Float32 on the CPU only; eval,
+        step takes 20-30 % less time (bench/step_overhead.py). Float32 on the CPU only; eval,
         no-grad passes, other dtypes and devices stay eager."""
         for m in self.modules():
             if isinstance(m, (ActSearch, WeightSearchMixin)):

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
            "the quantizers compute in float32 either way (default: float32 throughout)")
     a("--fuse-quantizers", action="store_true",
       help="CPU: run the search's quantizers and the cost as code compiled by "
-           "inductor (same values; steps take 20-26%% less time after a first step that compiles)")
+           "inductor (same values; steps take 20-30%% less time after a first step that compiles)")
     a("--threads", type=cli.positive, default=1, metavar="N",
       help="CPU threads of torch (default 1: small models gain little from more, and lose much "
            "when the cores are shared; raise it for large models)")
