@@ -8,7 +8,8 @@ takes the layer's bias and 0-bit row of theta (the pruned share), an activation 
 saturation test. Forward values equal the eager ones; gradients agree to float rounding (sums
 run in another order). Opt-in (``SearchModel.fuse_quantizers()``): the first step compiles
 (a few kernels, each shared by layers of every shape; cached on disk by torch). Where
-compiling fails, the eager quantizers take over (for weights, the same functions uncompiled). CPU only (fxsearch.quantizers._fused): GPU code may divide with a non-IEEE
+compiling fails, the eager quantizers take over (for weights, the same functions
+uncompiled). CPU only (fxsearch.quantizers._fused): GPU code may divide with a non-IEEE
 instruction.
 """
 from __future__ import annotations

@@ -71,12 +71,6 @@ def _fused(fused: bool, t: torch.Tensor) -> bool:
     return fused and torch.is_grad_enabled() and t.device.type == "cpu" and t.dtype == torch.float32
 
 
-def fake_quant_weight(w: torch.Tensor, bits: torch.Tensor, theta: torch.Tensor, fused: bool = False) -> torch.Tensor:
-    """Mixed quantized weight: sum over precisions `bits` (all > 0) of theta[p, c] * Q_p(W_c).
-    fused: compiled loops (fxsearch.fused_quantizers), same values."""
-    return quantized_params(w, None, bits, theta, None, fused)[0]
-
-
 def nonzero_rows(theta: torch.Tensor, zero_row: int | None) -> torch.Tensor:
     """theta without its 0-bit row (zero_row; None: it has none), a view where it can be."""
     if zero_row is None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 
 from fxsearch import fused_quantizers, quantizers
-from fxsearch.quantizers import (act_scale_zero_point, fake_quant_act, fake_quant_weight, quantized_params, round_ste,
-                                 weight_absmax)
+from fxsearch.quantizers import act_scale_zero_point, fake_quant_act, quantized_params, round_ste, weight_absmax
 
 
 def _reference_weight(w, bits, theta):
@@ -37,7 +36,7 @@ def test_weight_quant_matches_reference_values_and_gradients():
     theta = torch.softmax(torch.randn(3, 6), 0).requires_grad_()
     bits = torch.tensor([2.0, 4.0, 8.0])
     g = torch.randn(6, 4, 3, 3)
-    out = fake_quant_weight(w, bits, theta)
+    out, _ = quantized_params(w, None, bits, theta, None)
     ref = _reference_weight(w, bits, theta)
     assert torch.allclose(out, ref, atol=1e-6)
     got = torch.autograd.grad((out * g).sum(), (w, theta))
@@ -118,7 +117,7 @@ def test_fused_quantizers_match_the_eager_ones():
     results = []
     for fused in (False, True):
         leaves = (w.clone().requires_grad_(), theta.clone().requires_grad_())
-        out = fake_quant_weight(leaves[0], bits, leaves[1], fused=fused)
+        out, _ = quantized_params(leaves[0], None, bits, leaves[1], None, fused)
         results.append((out, torch.autograd.grad((out * g).sum(), leaves)))
     assert torch.equal(results[0][0], results[1][0])
     for a, c in zip(results[0][1], results[1][1]):
