@@ -473,7 +473,8 @@ def search_costs(model: torch.fx.GraphModule, names: Sequence[str | None] | None
         if n not in models:
             raise ConfigError(f"no cost model named {n!r} in this model; it has {', '.join(models)}")
     if not discrete and getattr(model, "fused_cost", False):
-        got = _compiled_costs(model, tuple(names))
+        from .fused_choices import step_costs
+        got = step_costs(model, tuple(names)) or _compiled_costs(model, tuple(names))
         if got is not None:
             return got
     return _price(model, tuple(names), discrete)

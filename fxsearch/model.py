@@ -79,6 +79,7 @@ class SearchModel(torch.fx.GraphModule):
             m.sampling = mode
 
     fused_cost = False  # fuse_quantizers() sets it
+    _choice_side_hooks = None  # fuse_quantizers(): fxsearch.fused_choices around each forward
 
     def fuse_quantizers(self, enabled: bool = True, cost: bool = True) -> "SearchModel":
         """Run the quantizers of training steps as compiled loops (inductor, called without
@@ -92,6 +93,15 @@ class SearchModel(torch.fx.GraphModule):
             if isinstance(m, (ActSearch, WeightSearchMixin)):
                 m.fused = enabled
         self.fused_cost = enabled and cost
+        if enabled and cost and self._choice_side_hooks is None:
+            from . import fused_choices
+            self._choice_side_hooks = (
+                self.register_forward_pre_hook(fused_choices.begin_step),
+                self.register_forward_hook(fused_choices.end_step, always_call=True))
+        elif not (enabled and cost) and self._choice_side_hooks is not None:
+            for hook in self._choice_side_hooks:
+                hook.remove()
+            self._choice_side_hooks = None
         return self
 
     # ---- cost (fxsearch.cost_models) ---------------------------------------------------

@@ -27,6 +27,8 @@ def is_arange(index: torch.Tensor, n: int | None = None) -> bool:
 class _Choice(nn.Module):
     """Holds logits over precisions (dim 0) and turns them into theta."""
 
+    given = None  # its theta during a fused training forward (fxsearch.fused_choices)
+
     def _init_choice(self, precisions: tuple[int, ...], units: int | None, sampling: str, temperature: float):
         self.precisions = tuple(precisions)
         self.sampling = sampling
@@ -39,6 +41,8 @@ class _Choice(nn.Module):
         return self.alpha
 
     def theta(self) -> torch.Tensor:
+        if self.given is not None:
+            return self.given
         return sample_choice(self.logits(), self.temperature, self.sampling, self.training)
 
     def argmax_bits(self) -> torch.Tensor:
@@ -83,6 +87,7 @@ class ActSearch(_Choice):
     """
 
     fused = False  # SearchModel.fuse_quantizers() sets it per module
+    given_mask = None  # its mask during a fused training forward (fxsearch.fused_choices)
 
     def __init__(self, precisions, signed: bool, lo: float, hi: float, sampling: str, temperature: float,
                  mask_shape: tuple[int, ...] = (), mask_plan: list[tuple[torch.Tensor, torch.Tensor]] = (),
@@ -124,6 +129,8 @@ class ActSearch(_Choice):
         return (1 - dead)[self.mask_index]
 
     def forward(self, x: torch.Tensor, *thetas: torch.Tensor) -> torch.Tensor:
+        if self.given is not None:  # a fused training step: the mask was computed with the rest
+            return self.quantize(x, self.given_mask)
         return self.quantize(x, self.mask(thetas)) if thetas else self.quantize(x)
 
     def extra_repr(self) -> str:
@@ -134,6 +141,7 @@ class WeightSearchMixin:
     """Effective weight of a searchable layer: W_hat_c = sum_p theta[p, c] Q_p(W_c), Q_0 = 0."""
 
     fused = False  # SearchModel.fuse_quantizers() sets it per module
+    given = None  # (weight, bias) during a fused training forward (fxsearch.fused_choices)
 
     def _init_search(self, precisions: tuple[int, ...], unit_index: torch.Tensor | None) -> None:
         self.precisions = tuple(precisions)
@@ -148,6 +156,8 @@ class WeightSearchMixin:
         return theta if self.unit_index is None else theta[:, self.unit_index]
 
     def effective_params(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.given is not None:
+            return self.given
         t = self.channel_theta(theta).to(self.weight.dtype)
         return quantized_params(self.weight, self.bias, self.bits, t, self.zero_row, self.fused)
 

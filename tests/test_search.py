@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 import fxsearch
-from fxsearch import ConfigError
+from fxsearch import ConfigError, fused_choices
 from fxsearch.data import load_data
 from fxsearch.final_modules import QuantWeightMixin
 from fxsearch.search_modules import ActSearch, WeightSearchMixin
@@ -206,8 +206,9 @@ def test_search_returns_a_finalized_fine_tuned_model(digits8):
 
 
 def test_search_can_fuse_the_quantizers(digits8):
-    """settings.fuse_quantizers reaches the model the search trains (tensors this small stay
-    eager) and its cost, which compiles without a fallback warning."""
+    """settings.fuse_quantizers reaches the model the search trains: its quantizers and its
+    choice side (masks, weights, cost), which compiles without a fallback warning and serves
+    the cost of the training steps."""
     train, val, _ = loaders(digits8)
     settings = SearchSettings(epochs=1, finetune_epochs=0, fuse_quantizers=True, **QUIET)
     with warnings.catch_warnings():
@@ -216,7 +217,8 @@ def test_search_can_fuse_the_quantizers(digits8):
     quantizers = [m for m in result.search_model.modules() if isinstance(m, (ActSearch, WeightSearchMixin))]
     assert quantizers and all(m.fused for m in quantizers)
     assert result.search_model.fused_cost
-    assert fxsearch.cost_models._COMPILED_PRICE.get(result.search_model) is not None  # it ran compiled
+    side = fused_choices._SIDES[result.search_model]
+    assert side.compiled and side.failed is None and side.costs is not None  # it ran compiled
 
 
 def test_sequential_baseline_prunes_then_quantizes(digits8):

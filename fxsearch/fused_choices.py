@@ -1,0 +1,259 @@
+"""The choice side of a training step as one compiled graph each way (SearchModel.fuse_quantizers).
+
+What a search model derives from its parameters alone -- every group's and activation's theta,
+the pruning masks, every search layer's quantized weight and bias, and the costs -- is computed
+at the start of a train-mode forward by one call: the module code traced once (make_fx, the
+modules' tensors swapped for the traced inputs by torch.func.functional_call), forward and
+backward compiled by inductor. That replaces some two hundred small operations per step, each a
+few microseconds of dispatch and autograd bookkeeping. The modules take their values from it
+(``given``); SearchModel.cost hands out the costs it computed while the parameters they came
+from are unchanged. The weights' straight-through gradient is written as plain operations here
+(w - w.detach(), exactly zero forward), the rest is the modules' own arithmetic; values equal
+the modules' to float rounding (inductor's softmax).
+
+Applies in train mode with gradients, on float32 CPU tensors, outside autocast, without Gumbel
+sampling (a fresh sample per forward); otherwise, or where tracing or compiling fails (warned
+once per model), the modules compute their values as before.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+import weakref
+from typing import Any
+
+import torch
+import torch._inductor
+import torch.nn as nn
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from . import meta
+from .fused_quantizers import _weight_forward
+from .quantizers import nonzero_rows
+from .search_modules import ActSearch, GroupChoice, WeightSearchMixin
+
+
+def traceable_params(layer: WeightSearchMixin, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """layer.effective_params(theta) as plain differentiable operations (no autograd.Function,
+    which tracing would see through): the fused kernel's forward on the detached weight, plus
+    (w - w.detach()) * sum of the non-zero rows of theta, zero forward, the straight-through
+    gradient backward."""
+    t = layer.channel_theta(theta).to(layer.weight.dtype)
+    w = layer.weight.reshape(len(layer.weight), -1)
+    bias = layer.bias if layer.zero_row is not None else None
+    got = _weight_forward(w.detach(), layer.bits, t, *(() if bias is None else (bias,)), zero_row=layer.zero_row)
+    weight = got[0] + (w - w.detach()) * nonzero_rows(t, layer.zero_row).sum(0).unsqueeze(1)
+    # a clone: an output that is a view would be rebuilt from its base at every call
+    return weight.view(layer.weight.shape).clone(), (layer.bias if bias is None else got[2])
+
+
+class _Plan:
+    """Who reads which choice, from the graph: groups, activation quantizers with the groups of
+    their masks, search layers with their group; the tensors the choice side reads (module,
+    attribute); where the given values go."""
+
+    def __init__(self, model: torch.fx.GraphModule):
+        self.groups: dict[str, GroupChoice] = {}
+        self.acts: dict[str, tuple[ActSearch, tuple[str, ...]]] = {}
+        self.layers: dict[str, tuple[WeightSearchMixin, str]] = {}
+        for node in model.graph.nodes:
+            if node.op != "call_module":
+                continue
+            module = model.get_submodule(node.target)
+            if isinstance(module, GroupChoice):
+                self.groups[node.target] = module
+            elif isinstance(module, (ActSearch, WeightSearchMixin)):
+                reads = tuple(a.target for a in node.args[1:] if isinstance(a, torch.fx.Node))
+                if len(reads) != len(node.args) - 1:
+                    raise ValueError(f"{node.name} takes a theta that is not a graph value")
+                if not isinstance(module, ActSearch) and len(reads) != 1:
+                    raise ValueError(f"{node.name} takes {len(reads)} thetas")
+                entry = (module, reads) if isinstance(module, ActSearch) else (module, reads[0])
+                table = self.acts if isinstance(module, ActSearch) else self.layers
+                if table.setdefault(node.target, entry) != entry:
+                    raise ValueError(f"{node.target} is called with different choices")
+        missing = {g for _, reads in self.acts.values() for g in reads} | {g for _, g in self.layers.values()}
+        if missing - set(self.groups):
+            raise ValueError(f"thetas from outside the choice modules: {sorted(map(str, missing - set(self.groups)))}")
+        self.choices = [*self.groups.values(), *(act for act, _ in self.acts.values())]
+        self.sources = [(f"{name}.{attr}", layer, attr) for name, (layer, _) in self.layers.items()
+                        for attr in ("weight", "bias") if getattr(layer, attr) is not None]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What the compiled graph reads: every choice's theta (the modules' own softmax, so
+        that they equal the per-module values bit for bit), then the layers' weights and biases."""
+        return [c.theta() for c in self.choices] + [getattr(module, attr) for _, module, attr in self.sources]
+
+    def stamp(self) -> tuple:
+        """What the thetas (so the costs) depend on: each choice's sampling and the versions
+        of its tensors (bumped by every in-place change: optimiser steps, loads, fill_)."""
+        return tuple((c.sampling, *((id(t), t._version) for t in (c.alpha, c.temperature, getattr(c, "allowed", None))
+                                    if t is not None)) for c in self.choices)
+
+    def give_thetas(self, thetas: list[torch.Tensor] | None) -> None:
+        for choice, theta in zip(self.choices, thetas or [None] * len(self.choices)):
+            choice.given = theta
+
+    def outputs(self, model: nn.Module, costs: tuple[str, ...], traced: bool = True) -> list[torch.Tensor]:
+        """The values, flat: per masked activation its mask, per layer its weight (and its
+        bias where theta scales it), the costs; the modules' own code on the tensors they hold
+        (the thetas given), the weights' written for tracing (or the modules' own: not traced)."""
+        from .cost_models import _price
+        out = [act.mask(tuple(self.groups[g].given for g in reads)).clone()  # (a view otherwise)
+               for act, reads in self.acts.values() if reads]
+        for layer, group in self.layers.values():
+            theta = self.groups[group].given
+            weight, bias = traceable_params(layer, theta) if traced else layer.effective_params(theta)
+            out += [weight, *([bias] if layer.zero_row is not None and bias is not None else [])]
+        return out + list(_price(model, costs).values())
+
+    def hand_out(self, thetas: list[torch.Tensor] | None, values: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Gives the modules their values (thetas None: clears them); returns the costs."""
+        self.give_thetas(thetas)
+        it = iter(values or ())
+        for act, reads in self.acts.values():
+            act.given_mask = next(it) if thetas is not None and reads else None
+        for layer, _ in self.layers.values():
+            layer.given = None if thetas is None else (
+                next(it), next(it) if layer.zero_row is not None and layer.bias is not None else layer.bias)
+        return list(it)
+
+
+class _Traced(nn.Module):
+    """The search model under a module whose forward is the choice side (functional_call calls
+    a module's forward with the tensors swapped in)."""
+
+    def __init__(self, model: nn.Module, plan: _Plan, costs: tuple[str, ...]):
+        super().__init__()
+        self.model, self.costs = model, costs
+        self.__dict__["plan"] = plan
+
+    def forward(self, *thetas: torch.Tensor, traced: bool = True) -> list[torch.Tensor]:
+        self.plan.give_thetas(list(thetas))
+        try:
+            return self.plan.outputs(self.model, self.costs, traced)
+        finally:
+            self.plan.give_thetas(None)
+
+
+class _Side:
+    """A model's plan and compiled functions (one per train flags of the choices and
+    requires_grad pattern); `costs` the last step's costs with the stamp of the choices they
+    came from."""
+
+    def __init__(self, plan: _Plan | None, failed: str | None = None):
+        self.plan, self.failed = plan, failed
+        self.compiled: dict[tuple, Any] = {}
+        self.costs: tuple[tuple, dict[str, torch.Tensor]] | None = None
+
+
+_SIDES: "weakref.WeakKeyDictionary[nn.Module, _Side]" = weakref.WeakKeyDictionary()
+
+
+def _side(model: torch.fx.GraphModule) -> _Side:
+    side = _SIDES.get(model)
+    if side is None:
+        try:
+            side = _Side(_Plan(model))
+        except ValueError as err:  # a graph this module does not know how to read: eager values
+            side = _Side(None, str(err))
+        _SIDES[model] = side
+    return side
+
+
+def _applies(model: nn.Module, plan: _Plan) -> bool:
+    tensors = [c.alpha for c in plan.choices] + [layer.weight for layer, _ in plan.layers.values()]
+    return (model.training and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not any(c.sampling == "gumbel" for c in plan.choices))
+
+
+def begin_step(model: torch.fx.GraphModule, args: Any = None) -> None:
+    """Before a forward of a fused search model (a forward pre-hook): the choice side computed
+    and handed to the modules where it applies, their given values cleared elsewhere."""
+    side = _side(model)
+    plan = side.plan
+    if plan is None:
+        return
+    plan.hand_out(None)
+    if side.failed or not _applies(model, plan):
+        return
+    tensors = plan.tensors()
+    key = (tuple(c.training for c in plan.choices), tuple(t.requires_grad for t in tensors))
+    costs = tuple(model.meta.get(meta.COST_MODELS) or ())
+    try:
+        fn = side.compiled.get(key)
+        if fn is None:
+            fn = side.compiled[key] = _compile(model, plan, costs, tensors)
+        values = fn(*tensors)
+    except Exception as err:  # tracing or compiling failed: the modules' own values from now on
+        side.failed = f"{type(err).__name__}: {err}"
+        warnings.warn(f"fxsearch: the choice side of the step could not be compiled, computing it "
+                      f"per module ({side.failed[:200]})")
+        return
+    thetas = tensors[:len(plan.choices)]
+    side.costs = (plan.stamp(), dict(zip(costs, plan.hand_out(thetas, list(values)))))
+
+
+def end_step(model: torch.fx.GraphModule, args: Any = None, out: Any = None) -> None:
+    """After a forward, also one that raised (a forward hook): the modules' given values
+    cleared (the costs stay for SearchModel.cost)."""
+    side = _SIDES.get(model)
+    if side is not None and side.plan is not None:
+        side.plan.hand_out(None)
+
+
+def step_costs(model: torch.fx.GraphModule, names: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+    """The costs the last forward's choice side computed, if the choices they came from are
+    unchanged since (no optimiser step, load, temperature or sampling change) and the caller
+    is in the same regime (train mode, gradients on); else None."""
+    side = _SIDES.get(model)
+    if side is None or side.costs is None or not (model.training and torch.is_grad_enabled()):
+        return None
+    stamp, costs = side.costs
+    if stamp != side.plan.stamp() or any(n not in costs for n in names):
+        return None
+    return {n: costs[n] for n in names}
+
+
+def _compile(model: torch.fx.GraphModule, plan: _Plan, costs: tuple[str, ...], tensors: list[torch.Tensor]):
+    """The choice side traced, compiled and checked once against the modules' own code."""
+    from .cost_models import _price
+    with torch.no_grad():  # fills the cost's index caches, which tracing must find filled
+        _price(model, costs)
+    traced = _Traced(model, plan, costs)
+    names = [f"model.{name}" for name, _, _ in plan.sources]
+    count = len(plan.choices)
+
+    def side(*inputs, traced_weights=True):
+        return torch.func.functional_call(traced, dict(zip(names, inputs[count:])), tuple(inputs[:count]),
+                                          {"traced": traced_weights})
+
+    # pre_dispatch keeps detach() (the straight-through estimators) in the graph
+    gm = make_fx(side, tracing_mode="fake", _allow_non_fake_inputs=True, pre_dispatch=True)(*tensors)
+    fn = torch._inductor.compile(gm, tensors)
+    _check(fn, functools.partial(side, traced_weights=False), tensors)
+    return fn
+
+
+def _check(fn, reference, tensors: list[torch.Tensor]) -> None:
+    """Raises where fn's values or gradients (for a random cotangent) differ from reference's
+    beyond float rounding: tracing records operations, so a cost function that reads a number
+    off a tensor or has an autograd.Function of its own would be traced wrong."""
+    inputs = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+    wanted = [t for t in inputs if t.requires_grad]
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    for f in (fn, reference):
+        outs = f(*inputs)
+        cotangents = [torch.randn(o.shape, generator=generator, dtype=o.dtype) for o in outs]
+        grads = torch.autograd.grad([o for o in outs if o.requires_grad],
+                                    wanted, [c for o, c in zip(outs, cotangents) if o.requires_grad], allow_unused=True)
+        results.append(([o.detach() for o in outs], [torch.zeros_like(w) if g is None else g for w, g in zip(wanted, grads)]))
+        generator.manual_seed(0)
+    (outs, grads), (ref_outs, ref_grads) = results
+    for kind, got, want in (("value", outs, ref_outs), ("gradient", grads, ref_grads)):
+        for k, (a, b) in enumerate(zip(got, want)):
+            if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-6 * (1 + float(b.abs().max()))):
+                raise RuntimeError(f"the compiled choice side's {kind} {k} differs from the modules' "
+                                   f"(max difference {float((a - b).abs().max()) if a.shape == b.shape else 'shape'})")
