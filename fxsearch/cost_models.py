@@ -472,9 +472,11 @@ def search_costs(model: torch.fx.GraphModule, names: Sequence[str | None] | None
     for n in names:
         if n not in models:
             raise ConfigError(f"no cost model named {n!r} in this model; it has {', '.join(models)}")
-    if not discrete and getattr(model, "fused_cost", False):
+    if not discrete:  # a fused training step's costs, else the compiled cost
         from .fused_choices import step_costs
-        got = step_costs(model, tuple(names)) or _compiled_costs(model, tuple(names))
+        got = step_costs(model, tuple(names))
+        if got is None and getattr(model, "fused_cost", False):
+            got = _compiled_costs(model, tuple(names))
         if got is not None:
             return got
     return _price(model, tuple(names), discrete)

@@ -138,8 +138,8 @@ class _Traced(nn.Module):
 
 class _Side:
     """A model's plan and compiled functions (one per train flags of the choices and
-    requires_grad pattern); `costs` the last step's costs with the stamp of the choices they
-    came from."""
+    requires_grad flags and strides of the inputs: hard sampling's thetas are transposed);
+    `costs` the last step's costs with the stamp of the choices they came from."""
 
     def __init__(self, plan: _Plan | None, failed: str | None = None):
         self.plan, self.failed = plan, failed
@@ -179,7 +179,7 @@ def begin_step(model: torch.fx.GraphModule, args: Any = None) -> None:
     if side.failed or not _applies(model, plan):
         return
     tensors = plan.tensors()
-    key = (tuple(c.training for c in plan.choices), tuple(t.requires_grad for t in tensors))
+    key = (tuple(c.training for c in plan.choices), tuple((t.requires_grad, t.stride()) for t in tensors))
     costs = tuple(model.meta.get(meta.COST_MODELS) or ())
     try:
         fn = side.compiled.get(key)
