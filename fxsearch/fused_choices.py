@@ -92,7 +92,7 @@ class _Plan:
 
     def give_thetas(self, thetas: list[torch.Tensor] | None) -> None:
         for choice, theta in zip(self.choices, thetas or [None] * len(self.choices)):
-            choice.given = theta
+            _give(choice, "given", theta)
 
     def outputs(self, model: nn.Module, costs: tuple[str, ...], traced: bool = True) -> list[torch.Tensor]:
         """The values, flat: per masked activation its mask, per layer its weight (and its
@@ -112,11 +112,17 @@ class _Plan:
         self.give_thetas(thetas)
         it = iter(values or ())
         for act, reads in self.acts.values():
-            act.given_mask = next(it) if thetas is not None and reads else None
+            _give(act, "given_mask", next(it) if thetas is not None and reads else None)
         for layer, _ in self.layers.values():
-            layer.given = None if thetas is None else (
-                next(it), next(it) if layer.zero_row is not None and layer.bias is not None else layer.bias)
+            _give(layer, "given", None if thetas is None else (
+                next(it), next(it) if layer.zero_row is not None and layer.bias is not None else layer.bias))
         return list(it)
+
+
+def _give(module: nn.Module, name: str, value: Any) -> None:
+    """module.name = value for a plain attribute, without nn.Module.__setattr__'s look into its
+    parameter, buffer and module tables (a hundred of these per step)."""
+    module.__dict__[name] = value
 
 
 class _Traced(nn.Module):
@@ -175,8 +181,7 @@ def begin_step(model: torch.fx.GraphModule, args: Any = None) -> None:
     plan = side.plan
     if plan is None:
         return
-    plan.hand_out(None)
-    if side.failed or not _applies(model, plan):
+    if side.failed or not _applies(model, plan):  # (nothing is given: end_step cleared it)
         return
     tensors = plan.tensors()
     key = (tuple(c.training for c in plan.choices), tuple((t.requires_grad, t.stride()) for t in tensors))
