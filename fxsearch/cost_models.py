@@ -31,8 +31,10 @@ Thetas of the search model's cost: in eval mode (and for ``discrete_cost``) the 
 in train mode exactly what the forward pass uses for "softmax" (softmax(alpha / tau)) and
 "hard" (one-hot forward, softmax gradient) sampling; for "gumbel" the expectation
 softmax(alpha / tau), because a Gumbel sample is drawn anew at every forward. After
-``SearchModel.fuse_quantizers()`` the train-mode cost runs as one compiled graph (values and
-gradients to float rounding); a cost function dynamo cannot trace whole falls back to eager.
+``SearchModel.fuse_quantizers()`` the train-mode cost runs compiled (values and gradients to
+float rounding): within a forward as part of its choice side (fxsearch.fused_choices, whose
+costs ``cost`` hands out while the choices are unchanged), elsewhere as one graph of its own; a
+cost function that cannot be traced whole falls back to eager.
 """
 from __future__ import annotations
 

@@ -1,19 +1,21 @@
 """The choice side of a training step as one compiled graph each way (SearchModel.fuse_quantizers).
 
-What a search model derives from its parameters alone -- every group's and activation's theta,
-the pruning masks, every search layer's quantized weight and bias, and the costs -- is computed
-at the start of a train-mode forward by one call: the module code traced once (make_fx, the
-modules' tensors swapped for the traced inputs by torch.func.functional_call), forward and
-backward compiled by inductor. That replaces some two hundred small operations per step, each a
-few microseconds of dispatch and autograd bookkeeping. The modules take their values from it
-(``given``); SearchModel.cost hands out the costs it computed while the parameters they came
-from are unchanged. The weights' straight-through gradient is written as plain operations here
-(w - w.detach(), exactly zero forward), the rest is the modules' own arithmetic; values equal
-the modules' to float rounding (inductor's softmax).
+What a search model derives from its choices and weights alone -- the pruning masks, every
+search layer's quantized weight and bias, and the costs -- is computed at the start of a
+train-mode forward by one call instead of a few hundred small operations spread over the
+step (each a few microseconds of dispatch and autograd bookkeeping): the modules' own code,
+traced once (make_fx; the layers' tensors swapped for the traced inputs by
+torch.func.functional_call), forward and backward compiled by inductor, and checked once
+against the modules (values and gradients; a failed check or compile warns and leaves the
+modules to compute their values). The thetas themselves stay the modules' softmax (inductor's
+differs in the last bit, which a later quantizer can turn into a whole code step), so forward
+values equal the modules' bit for bit; costs and gradients agree to float rounding. The
+weights' straight-through gradient is written as plain operations for tracing (see
+traceable_params). The modules take their values from it (``given``, set for one forward);
+SearchModel.cost hands out the costs it computed while the choices are unchanged.
 
 Applies in train mode with gradients, on float32 CPU tensors, outside autocast, without Gumbel
-sampling (a fresh sample per forward); otherwise, or where tracing or compiling fails (warned
-once per model), the modules compute their values as before.
+sampling; elsewhere the modules compute their values as before.
 """
 from __future__ import annotations
 

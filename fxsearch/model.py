@@ -84,10 +84,12 @@ class SearchModel(torch.fx.GraphModule):
     def fuse_quantizers(self, enabled: bool = True, cost: bool = True) -> "SearchModel":
         """Run the quantizers of training steps as compiled loops (inductor, called without
         torch.compile's per-call guards; see fxsearch.fused_quantizers): same values, after a
-        first step that compiles (seconds to tens of seconds, cached on disk). With ``cost`` the
-        train-mode cost (``cost``, ``costs``, ``cost_of``) runs as one compiled graph too, from
-        its second evaluation on (fxsearch.cost_models; values to float rounding). A training
-        step takes 20-30 % less time (bench/step_overhead.py). Float32 on the CPU only; eval,
+        first step that compiles (seconds to tens of seconds, cached on disk). With ``cost``
+        also the choice side of each train-mode forward -- masks, quantized weights and the
+        costs -- as one compiled graph each way (fxsearch.fused_choices; ``cost`` then hands
+        out that step's costs), and the train-mode cost read outside a forward as one compiled
+        graph (fxsearch.cost_models); costs and gradients to float rounding. A training step
+        takes about 25 % less time (bench/step_overhead.py). Float32 on the CPU only; eval,
         no-grad passes, other dtypes and devices stay eager."""
         for m in self.modules():
             if isinstance(m, (ActSearch, WeightSearchMixin)):

@@ -174,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="mixed precision of the training steps: bf16 (CPU or CUDA) or fp16 (CUDA, loss scaling); "
            "the quantizers compute in float32 either way (default: float32 throughout)")
     a("--fuse-quantizers", action="store_true",
-      help="CPU: run the search's quantizers and the cost as code compiled by "
-           "inductor (same values; steps take 20-30%% less time after a first step that compiles)")
+      help="CPU: run the search's quantizers, quantized weights, masks and cost as code compiled "
+           "by inductor (same forward values; steps take about 25%% less time after a first step "
+           "that compiles)")
     a("--threads", type=cli.positive, default=1, metavar="N",
       help="CPU threads of torch (default 1: small models gain little from more, and lose much "
            "when the cores are shared; raise it for large models)")
