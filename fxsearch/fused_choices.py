@@ -236,10 +236,12 @@ def _compile(model: torch.fx.GraphModule, plan: _Plan, costs: tuple[str, ...], t
         return torch.func.functional_call(traced, dict(zip(names, inputs[count:])), tuple(inputs[:count]),
                                           {"traced": traced_weights})
 
+    # leaves like the inputs (tracing reads .grad, which torch warns about on a non-leaf theta);
     # pre_dispatch keeps detach() (the straight-through estimators) in the graph
-    gm = make_fx(side, tracing_mode="fake", _allow_non_fake_inputs=True, pre_dispatch=True)(*tensors)
-    fn = torch._inductor.compile(gm, tensors)
-    _check(fn, functools.partial(side, traced_weights=False), tensors)
+    leaves = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+    gm = make_fx(side, tracing_mode="fake", _allow_non_fake_inputs=True, pre_dispatch=True)(*leaves)
+    fn = torch._inductor.compile(gm, leaves)
+    _check(fn, functools.partial(side, traced_weights=False), leaves)
     return fn
 
 
@@ -247,7 +249,7 @@ def _check(fn, reference, tensors: list[torch.Tensor]) -> None:
     """Raises where fn's values or gradients (for a random cotangent) differ from reference's
     beyond float rounding: tracing records operations, so a cost function that reads a number
     off a tensor or has an autograd.Function of its own would be traced wrong."""
-    inputs = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+    inputs = [t.detach().requires_grad_(t.requires_grad) for t in tensors]  # (its own leaves)
     wanted = [t for t in inputs if t.requires_grad]
     generator = torch.Generator().manual_seed(0)
     results = []
