@@ -35,14 +35,19 @@ from .quantizers import nonzero_rows
 from .search_modules import ActSearch, GroupChoice, WeightSearchMixin
 
 
+def _scales_bias(layer: WeightSearchMixin) -> bool:
+    """Whether theta scales the layer's bias (1 - theta[0]): then it is one of the graph's outputs."""
+    return layer.zero_row is not None and layer.bias is not None
+
+
 def traceable_params(layer: WeightSearchMixin, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """layer.effective_params(theta) as plain differentiable operations (no autograd.Function,
     which tracing would see through): the fused kernel's forward on the detached weight, plus
     (w - w.detach()) * sum of the non-zero rows of theta, zero forward, the straight-through
     gradient backward."""
-    t = layer.channel_theta(theta).to(layer.weight.dtype)
+    t = layer.channel_theta(theta)
     w = layer.weight.reshape(len(layer.weight), -1)
-    bias = layer.bias if layer.zero_row is not None else None
+    bias = layer.bias if _scales_bias(layer) else None
     got = _weight_forward(w.detach(), layer.bits, t, *(() if bias is None else (bias,)), zero_row=layer.zero_row)
     weight = got[0] + (w - w.detach()) * nonzero_rows(t, layer.zero_row).sum(0).unsqueeze(1)
     # a clone: an output that is a view would be rebuilt from its base at every call
@@ -106,7 +111,7 @@ class _Plan:
         for layer, group in self.layers.values():
             theta = self.groups[group].given
             weight, bias = traceable_params(layer, theta) if traced else layer.effective_params(theta)
-            out += [weight, *([bias] if layer.zero_row is not None and bias is not None else [])]
+            out += [weight, *([bias] if _scales_bias(layer) else [])]
         return out + list(_price(model, costs).values())
 
     def hand_out(self, thetas: list[torch.Tensor] | None, values: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -117,7 +122,7 @@ class _Plan:
             _give(act, "given_mask", next(it) if thetas is not None and reads else None)
         for layer, _ in self.layers.values():
             _give(layer, "given", None if thetas is None else (
-                next(it), next(it) if layer.zero_row is not None and layer.bias is not None else layer.bias))
+                next(it), next(it) if _scales_bias(layer) else layer.bias))
         return list(it)
 
 

@@ -153,12 +153,13 @@ class WeightSearchMixin:
         self.register_buffer("unit_index", unit_index)
 
     def channel_theta(self, theta: torch.Tensor) -> torch.Tensor:
-        return theta if self.unit_index is None else theta[:, self.unit_index]
+        """The group's theta for this layer's output channels, in the weight's dtype."""
+        return (theta if self.unit_index is None else theta[:, self.unit_index]).to(self.weight.dtype)
 
     def effective_params(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.given is not None:
             return self.given
-        t = self.channel_theta(theta).to(self.weight.dtype)
+        t = self.channel_theta(theta)
         return quantized_params(self.weight, self.bias, self.bits, t, self.zero_row, self.fused)
 
     @classmethod
