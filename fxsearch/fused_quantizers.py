@@ -19,8 +19,10 @@ import math
 import warnings
 
 import torch
+import torch._functorch.config as functorch_config
 import torch._inductor
 import torch.fx.experimental._config as fx_config
+from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .quantizers import MixedActQuant, _cannot_saturate, _grid_escapes, act_grid, nonzero_rows, weight_scale
@@ -177,9 +179,56 @@ def _compile(family: tuple, fn, tensors: list[torch.Tensor]):
     with _NO_DUCK_SHAPES:
         gm = make_fx(fn, tracing_mode="symbolic")(*tensors)
     placeholders = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
-    function = torch._inductor.compile(gm, placeholders)
+    function = _inductor(gm, placeholders)
     compiled.append((placeholders, function))
     return function
+
+
+def _inductor(gm: torch.fx.GraphModule, placeholders: list):
+    """gm compiled by inductor, called straight into its generated code where that takes and
+    returns exactly gm's tensors: AOT autograd's runtime wrappers around it (a dozen Python
+    calls, for input mutations, aliased outputs and the like, none of which these kernels
+    have) cost more than a small kernel inside a training step (0.5 ms of a DS-CNN step). The
+    first call compares the two ways' results; the wrapped one stays where they differ."""
+    inner = []
+
+    def compile_inner(graph, inputs, **kwargs):
+        code = compile_fx_inner(graph, inputs, **kwargs)
+        inner.append((graph, code))
+        return code
+
+    # (AOT autograd's cache would hand back the wrapped code without compiling the inner graph)
+    with functorch_config.patch(enable_autograd_cache=False):
+        wrapped = compile_fx(gm, placeholders, inner_compile=compile_inner)
+    if len(inner) != 1 or getattr(inner[0][1], "current_callable", None) is None:
+        return wrapped
+    graph, code = inner[0]
+    inputs = [n.meta.get("val") for n in graph.graph.nodes if n.op == "placeholder"]
+    outputs = graph.graph.output_node().args[0]
+    if (len(inputs) != len(placeholders) or not all(isinstance(v, torch.Tensor) for v in inputs)
+            or len(outputs) != len(gm.graph.output_node().args[0])):
+        return wrapped
+    return _Direct(code, wrapped)
+
+
+class _Direct:
+    """Calls inductor's generated code (boxed: it takes a list); at the first call checked
+    against `wrapped`, which it calls from then on where the two differ."""
+
+    def __init__(self, code, wrapped):
+        self.code, self.wrapped = code, wrapped
+        self.direct: bool | None = None  # unchecked
+
+    def __call__(self, *tensors):
+        if self.direct:
+            return self.code.current_callable(list(tensors))
+        want = self.wrapped(*tensors)
+        if self.direct is None:
+            got = self.code.current_callable(list(tensors))
+            self.direct = len(got) == len(want) and all(
+                a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
+                for a, b in zip(got, want))
+        return want
 
 
 def _run(name: str, fn, *tensors: torch.Tensor, **static):

@@ -205,3 +205,37 @@ def test_fused_layer_params_match_the_eager_ones():
             want = -(g_bias * bias) if with_bias else torch.zeros(6)
             assert torch.allclose(fused_grads[1][zero_row], want, atol=1e-6)
     assert fused_quantizers.available(), fused_quantizers._FAILED
+
+
+def test_fused_kernels_are_called_without_aot_wrappers(monkeypatch):
+    """Each compiled kernel is called straight into inductor's generated code once its first
+    call gave the same tensors as the AOT-wrapped function; where they differ the wrapped one
+    is called from then on."""
+    monkeypatch.setattr(fused_quantizers, "_FAMILIES", {})
+    monkeypatch.setattr(fused_quantizers, "_BY_LAYOUT", {})
+    torch.manual_seed(6)
+    bits = torch.tensor([2.0, 4.0, 8.0])
+    x = 3 * torch.randn(4, 8, 6, 6)
+    lo, hi, theta, mask = torch.tensor(0.0), torch.tensor(2.0), torch.softmax(torch.randn(3), 0), torch.rand(1, 8, 1, 1)
+    results = []
+    for fused in (False, True, True):  # the second fused call goes straight to the generated code
+        leaves = [t.clone().requires_grad_() for t in (x, hi, theta, mask)]
+        out = fake_quant_act(leaves[0], lo, leaves[1], bits, leaves[2], leaves[3], fused=fused)
+        results.append((out, torch.autograd.grad(out.pow(2).sum(), leaves)))
+    functions = list(fused_quantizers._BY_LAYOUT.values())
+    assert len(functions) == 2 and all(f.direct for f in functions)  # forward and backward
+    for out, grads in results[1:]:
+        assert torch.equal(out, results[0][0])
+        for a, b in zip(grads, results[0][1]):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+    class Code:  # generated code that disagrees with its wrapper
+        @staticmethod
+        def current_callable(tensors):
+            return [t + 1 for t in tensors]
+
+    calls = []
+    direct = fused_quantizers._Direct(Code(), lambda *t: calls.append(1) or list(t))
+    one = torch.ones(3)
+    assert torch.equal(direct(one)[0], one) and torch.equal(direct(one)[0], one)
+    assert direct.direct is False and len(calls) == 2
