@@ -238,18 +238,27 @@ def _run(name: str, fn, *tensors: torch.Tensor, **static):
         return None
     if torch.is_grad_enabled():  # (autograd.Function's forward and backward run without)
         tensors = [t.detach() for t in tensors]
-    layout = (name, *static.items(), *[(t.dtype, t.device, t.shape, t.stride()) for t in tensors])
     try:
-        function = _BY_LAYOUT.get(layout)
-        if function is None:
-            family = (name, *static.items(), *[(t.dtype, t.device, t.dim()) for t in tensors])
-            function = _BY_LAYOUT[layout] = _compile(family, functools.partial(fn, **static),
-                                                     [t.detach() for t in tensors])
-        return function(*tensors)
-    except Exception as err:  # no C++ compiler, an unsupported backend, ...: eager from now on
-        _FAILED.append(f"{type(err).__name__}: {err}")
-        warnings.warn(f"fxsearch: fused quantizers could not be compiled, using the eager ones ({_FAILED[0][:200]})")
-        return None
+        return _function(name, fn, tensors, static)(*tensors)
+    except Exception as err:
+        return _give_up(err)
+
+
+def _function(name: str, fn, tensors: list[torch.Tensor], static: dict):
+    """The compiled fn for the layout (dtype, device, sizes, strides) of these tensors."""
+    layout = (name, *static.items(), *[(t.dtype, t.device, t.shape, t.stride()) for t in tensors])
+    function = _BY_LAYOUT.get(layout)
+    if function is None:
+        family = (name, *static.items(), *[(t.dtype, t.device, t.dim()) for t in tensors])
+        function = _BY_LAYOUT[layout] = _compile(family, functools.partial(fn, **static),
+                                                 [t.detach() for t in tensors])
+    return function
+
+
+def _give_up(err: Exception) -> None:
+    """No C++ compiler, an unsupported backend, ...: the eager quantizers from now on (None)."""
+    _FAILED.append(f"{type(err).__name__}: {err}")
+    warnings.warn(f"fxsearch: fused quantizers could not be compiled, using the eager ones ({_FAILED[0][:200]})")
 
 
 def compiled_kernels() -> set[str]:
@@ -262,45 +271,96 @@ def available() -> bool:
     return not _FAILED
 
 
+class _ActCall:
+    """One layout of FusedActQuant's arguments: the (A, C, R) view of x and the compiled
+    forward, and the backward for either saturation case once it has run."""
+
+    __slots__ = ("shape", "forward", "backward")
+
+    def __init__(self, shape: tuple[int, int, int], forward):
+        self.shape, self.forward = shape, forward
+        self.backward: dict[bool, object] = {}
+
+
+# The calls of each layout (None: the mask's dims are not adjacent, eager), keyed by what can
+# differ between a search model's quantizer calls. Inside a training step, _run's layout key
+# (dtype, device, sizes and strides of every tensor, forward and backward) and the view took
+# longer than the smaller kernels (0.5 ms of a DS-CNN step with the rest of the Python here).
+_ACT_CALLS: dict[tuple, _ActCall | None] = {}
+
+
+def _act_call(x, lo, hi, theta, bits, mask, may_saturate: bool) -> _ActCall | None:
+    """The compiled call for these arguments (as fake_quant_act hands them: one dtype, x on
+    the CPU); None where the eager quantizer runs (see _view_3d, or compiling failed)."""
+    if _FAILED or not (lo.is_cpu and hi.is_cpu and theta.is_cpu and bits.is_cpu and (mask is None or mask.is_cpu)):
+        return None  # (eager raises for tensors on two devices)
+    key = (x.shape, x.stride(), lo.shape, hi.shape, bits.shape, theta.stride(),
+           None if mask is None else (mask.shape, mask.stride()), may_saturate)
+    try:
+        return _ACT_CALLS[key]
+    except KeyError:
+        pass
+    shape = _view_3d(x, mask)
+    call = None
+    if shape is not None:
+        tensors = [x.reshape(shape), lo, hi, bits, theta, *_flat(mask)]
+        try:
+            call = _ActCall(shape, _function("act_forward", _act_forward, tensors, {"may_saturate": may_saturate}))
+        except Exception as err:
+            return _give_up(err)
+    _ACT_CALLS[key] = call
+    return call
+
+
+def _flat(mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    return () if mask is None else (mask.reshape(-1),)
+
+
 class FusedActQuant(torch.autograd.Function):
     """MixedActQuant (fxsearch.quantizers) as fused loops; same arguments and results."""
 
     @staticmethod
     def forward(ctx, x, lo, hi, theta, bits, mask=None):
-        shape = _view_3d(x, mask)
         may_saturate = not _cannot_saturate(lo, hi)
-        got = None
-        if shape is not None:
-            masks = () if mask is None else (mask.reshape(-1),)
-            got = _run("act_forward", _act_forward, x.reshape(shape), lo, hi, bits, theta, *masks,
-                       may_saturate=may_saturate)
-        if got is None:
+        call = _act_call(x, lo, hi, theta, bits, mask, may_saturate)
+        try:
+            got = call and call.forward(x.reshape(call.shape), lo, hi, bits, theta, *_flat(mask))
+        except Exception as err:
+            got = _give_up(err)
+        if not got:
             return MixedActQuant.forward(ctx, x, lo, hi, theta, bits, mask)
         out, scale, zp, levels, escapes = got
         ctx.save_for_backward(x, lo, hi, theta, bits, mask)
-        ctx.fused = True
+        ctx.call = call
         ctx.grid = scale, zp, levels  # three numbers per precision; backward reuses them
         ctx.saturates = may_saturate and bool(escapes)
-        ctx.shape = shape
         return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        if not getattr(ctx, "fused", False):  # the forward ran eagerly
+        call = getattr(ctx, "call", None)
+        if call is None:  # the forward ran eagerly
             return MixedActQuant.backward(ctx, grad)
         x, lo, hi, theta, bits, mask = ctx.saved_tensors
-        need_x, need_lo, need_hi, need_theta, _, need_mask = ctx.needs_input_grad
         scale, zp, levels = ctx.grid
-        x3, grad3 = x.reshape(ctx.shape), grad.contiguous().view(ctx.shape)
-        masks = () if mask is None else (mask.reshape(-1),)
-        if ctx.saturates:
-            got = _run("act_backward", _act_backward, x3, grad3, lo, hi, scale, zp, levels, theta, *masks)
-        else:
-            got = _run("act_backward_inside", _act_backward_inside, x3, grad3, lo, hi, scale, levels, theta, *masks)
+        # every tensor's layout follows from the forward's (grad made contiguous)
+        tensors = [x.reshape(call.shape), grad.contiguous().view(call.shape), lo, hi, scale,
+                   *((zp,) if ctx.saturates else ()), levels, theta, *_flat(mask)]
+        got = None
+        try:
+            function = call.backward.get(ctx.saturates)
+            if function is None:
+                function = call.backward[ctx.saturates] = (
+                    _function("act_backward", _act_backward, tensors, {}) if ctx.saturates
+                    else _function("act_backward_inside", _act_backward_inside, tensors, {}))
+            got = function(*tensors)
+        except Exception as err:
+            _give_up(err)
         if got is None:
             ctx.saturates = True  # the general path: right whether or not a code saturates
             return MixedActQuant.backward(ctx, grad)
         grad_x, grad_lo, grad_hi, grad_theta, grad_mask = got
+        need_x, need_lo, need_hi, need_theta, _, need_mask = ctx.needs_input_grad
         return (grad_x.view(x.shape) if need_x else None, grad_lo if need_lo else None,
                 grad_hi if need_hi else None, grad_theta if need_theta else None, None,
                 grad_mask.reshape(mask.shape) if need_mask else None)

@@ -146,6 +146,7 @@ def test_fused_code_is_shared_by_the_sizes_its_guards_admit(monkeypatch):
     (a dimension of 1) gets code of its own, and every size gets the eager values."""
     monkeypatch.setattr(fused_quantizers, "_FAMILIES", {})  # none compiled yet (the disk cache stays)
     monkeypatch.setattr(fused_quantizers, "_BY_LAYOUT", {})
+    monkeypatch.setattr(fused_quantizers, "_ACT_CALLS", {})
     torch.manual_seed(5)
     bits = torch.tensor([2.0, 4.0, 8.0])
     lo, hi = torch.tensor(0.0), torch.tensor(2.0)
@@ -213,6 +214,7 @@ def test_fused_kernels_are_called_without_aot_wrappers(monkeypatch):
     is called from then on."""
     monkeypatch.setattr(fused_quantizers, "_FAMILIES", {})
     monkeypatch.setattr(fused_quantizers, "_BY_LAYOUT", {})
+    monkeypatch.setattr(fused_quantizers, "_ACT_CALLS", {})
     torch.manual_seed(6)
     bits = torch.tensor([2.0, 4.0, 8.0])
     x = 3 * torch.randn(4, 8, 6, 6)
@@ -224,6 +226,9 @@ def test_fused_kernels_are_called_without_aot_wrappers(monkeypatch):
         results.append((out, torch.autograd.grad(out.pow(2).sum(), leaves)))
     functions = list(fused_quantizers._BY_LAYOUT.values())
     assert len(functions) == 2 and all(f.direct for f in functions)  # forward and backward
+    # both found once for the layout, its backward (no code can saturate: lo = 0) with it
+    (call,) = fused_quantizers._ACT_CALLS.values()
+    assert call.forward is functions[0] and call.backward == {False: functions[1]}
     for out, grads in results[1:]:
         assert torch.equal(out, results[0][0])
         for a, b in zip(grads, results[0][1]):
