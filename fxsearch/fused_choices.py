@@ -85,17 +85,37 @@ class _Plan:
         self.choices = [*self.groups.values(), *(act for act, _ in self.acts.values())]
         self.sources = [(f"{name}.{attr}", layer, attr) for name, (layer, _) in self.layers.items()
                         for attr in ("weight", "bias") if getattr(layer, attr) is not None]
+        # where the given values go (the modules' __dict__, see _give), in the order of outputs()
+        self.theta_tables = [c.__dict__ for c in self.choices]
+        self.mask_tables = [act.__dict__ for act, reads in self.acts.values() if reads]
+        self.layer_tables = [(layer.__dict__, layer, _scales_bias(layer)) for layer, _ in self.layers.values()]
 
     def tensors(self) -> list[torch.Tensor]:
         """What the compiled graph reads: every choice's theta (the modules' own softmax, so
         that they equal the per-module values bit for bit), then the layers' weights and biases."""
-        return [c.theta() for c in self.choices] + [getattr(module, attr) for _, module, attr in self.sources]
+        return [c.theta() for c in self.choices] + [module._parameters[attr] for _, module, attr in self.sources]
 
     def stamp(self) -> tuple:
         """What the thetas (so the costs) depend on: each choice's sampling and the versions
         of its tensors (bumped by every in-place change: optimiser steps, loads, fill_)."""
-        return tuple((c.sampling, *((id(t), t._version) for t in (c.alpha, c.temperature, getattr(c, "allowed", None))
-                                    if t is not None)) for c in self.choices)
+        stamp = []
+        for c in self.choices:
+            stamp.append(c.sampling)
+            for t in _choice_tensors(c):
+                if t is not None:
+                    stamp += (id(t), t._version)
+        return tuple(stamp)
+
+    def applies(self, model: nn.Module) -> bool:
+        """Train mode with gradients, outside autocast, choices and weights float32 CPU
+        tensors, no Gumbel sampling."""
+        if not (model.training and torch.is_grad_enabled()) or torch.is_autocast_enabled("cpu"):
+            return False
+        tensors = [_choice_tensors(c)[0] for c in self.choices if c.sampling != "gumbel"]
+        if len(tensors) < len(self.choices):
+            return False
+        tensors += [layer._parameters["weight"] for layer, _ in self.layers.values()]
+        return all(t.is_cpu and t.dtype is torch.float32 for t in tensors)
 
     def give_thetas(self, thetas: list[torch.Tensor] | None) -> None:
         for choice, theta in zip(self.choices, thetas or [None] * len(self.choices)):
@@ -114,16 +134,31 @@ class _Plan:
             out += [weight, *([bias] if _scales_bias(layer) else [])]
         return out + list(_price(model, costs).values())
 
-    def hand_out(self, thetas: list[torch.Tensor] | None, values: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Gives the modules their values (thetas None: clears them); returns the costs."""
-        self.give_thetas(thetas)
-        it = iter(values or ())
-        for act, reads in self.acts.values():
-            _give(act, "given_mask", next(it) if thetas is not None and reads else None)
-        for layer, _ in self.layers.values():
-            _give(layer, "given", None if thetas is None else (
-                next(it), next(it) if _scales_bias(layer) else layer.bias))
+    def hand_out(self, thetas: list[torch.Tensor], values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Gives the modules their values (the thetas, then outputs()); returns the costs."""
+        for table, theta in zip(self.theta_tables, thetas):
+            table["given"] = theta
+        it = iter(values)
+        for table in self.mask_tables:
+            table["given_mask"] = next(it)
+        for table, layer, bias_scaled in self.layer_tables:
+            table["given"] = (next(it), next(it) if bias_scaled else layer.bias)
         return list(it)
+
+    def clear(self) -> None:
+        """Takes the given values back."""
+        for table in self.theta_tables:
+            table["given"] = None
+        for table in self.mask_tables:
+            table["given_mask"] = None
+        for table, _, _ in self.layer_tables:
+            table["given"] = None
+
+
+def _choice_tensors(choice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """alpha, temperature and `allowed` (None where it has none), read from the module's tables
+    (nn.Module.__getattr__ costs a few microseconds each inside a step)."""
+    return choice._parameters["alpha"], choice._buffers["temperature"], choice._buffers.get("allowed")
 
 
 def _give(module: nn.Module, name: str, value: Any) -> None:
@@ -174,13 +209,6 @@ def _side(model: torch.fx.GraphModule) -> _Side:
     return side
 
 
-def _applies(model: nn.Module, plan: _Plan) -> bool:
-    tensors = [c.alpha for c in plan.choices] + [layer.weight for layer, _ in plan.layers.values()]
-    return (model.training and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and not any(c.sampling == "gumbel" for c in plan.choices))
-
-
 def begin_step(model: torch.fx.GraphModule, args: Any = None) -> None:
     """Before a forward of a fused search model (a forward pre-hook): the choice side computed
     and handed to the modules where it applies, their given values cleared elsewhere."""
@@ -188,7 +216,7 @@ def begin_step(model: torch.fx.GraphModule, args: Any = None) -> None:
     plan = side.plan
     if plan is None:
         return
-    if side.failed or not _applies(model, plan):  # (nothing is given: end_step cleared it)
+    if side.failed or not plan.applies(model):  # (nothing is given: end_step cleared it)
         return
     tensors = plan.tensors()
     key = (tuple(c.training for c in plan.choices), tuple((t.requires_grad, t.stride()) for t in tensors))
@@ -212,7 +240,7 @@ def end_step(model: torch.fx.GraphModule, args: Any = None, out: Any = None) -> 
     cleared (the costs stay for SearchModel.cost)."""
     side = _SIDES.get(model)
     if side is not None and side.plan is not None:
-        side.plan.hand_out(None)
+        side.plan.clear()
 
 
 def step_costs(model: torch.fx.GraphModule, names: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
