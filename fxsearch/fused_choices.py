@@ -31,7 +31,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import meta
 from .fused_quantizers import _weight_forward
-from .quantizers import nonzero_rows
+from .quantizers import nonzero_rows, sample_choice
 from .search_modules import ActSearch, GroupChoice, WeightSearchMixin
 
 
@@ -85,15 +85,54 @@ class _Plan:
         self.choices = [*self.groups.values(), *(act for act, _ in self.acts.values())]
         self.sources = [(f"{name}.{attr}", layer, attr) for name, (layer, _) in self.layers.items()
                         for attr in ("weight", "bias") if getattr(layer, attr) is not None]
+        # activation choices of one number of precisions, whose thetas one softmax over their
+        # stacked logits gives (a softmax over the last dim computes each row alone, so the rows
+        # equal the modules' thetas bit for bit; checked once, see stacking_is_exact)
+        by_length: dict[int, list[int]] = {}
+        for i, choice in enumerate(self.choices):
+            if isinstance(choice, ActSearch) and len(choice.precisions) > 1:
+                by_length.setdefault(len(choice.precisions), []).append(i)
+        self.stacks = [rows for rows in by_length.values() if len(rows) > 1]
         # where the given values go (the modules' __dict__, see _give), in the order of outputs()
         self.theta_tables = [c.__dict__ for c in self.choices]
         self.mask_tables = [act.__dict__ for act, reads in self.acts.values() if reads]
         self.layer_tables = [(layer.__dict__, layer, _scales_bias(layer)) for layer, _ in self.layers.values()]
 
-    def tensors(self) -> list[torch.Tensor]:
+    def tensors(self, stacked: bool = True) -> list[torch.Tensor]:
         """What the compiled graph reads: every choice's theta (the modules' own softmax, so
-        that they equal the per-module values bit for bit), then the layers' weights and biases."""
-        return [c.theta() for c in self.choices] + [module._parameters[attr] for _, module, attr in self.sources]
+        that they equal the per-module values bit for bit; where `stacked`, a few activation
+        choices' at once), then the layers' weights and biases."""
+        thetas = self.stacked_thetas() if stacked else {}
+        return ([thetas[i] if i in thetas else c.theta() for i, c in enumerate(self.choices)]
+                + [module._parameters[attr] for _, module, attr in self.sources])
+
+    def stacked_thetas(self) -> dict[int, torch.Tensor]:
+        """The thetas of each stack of activation choices in one training mode and sampling,
+        from one softmax over their stacked logits: {choice index: theta} (rows of it)."""
+        thetas = {}
+        for rows in self.stacks:
+            choices = [self.choices[i] for i in rows]
+            sampling = choices[0].sampling
+            if any(c.sampling != sampling or not c.training for c in choices):
+                continue
+            alphas, temperatures, _ = zip(*map(_choice_tensors, choices))
+            theta = sample_choice(torch.stack(alphas), torch.stack(temperatures).unsqueeze(1), sampling, True, dim=1)
+            thetas.update(zip(rows, theta.unbind(0)))
+        return thetas
+
+    def stacking_is_exact(self) -> bool:
+        """Whether the stacked thetas equal the modules' (values and gradients) bit for bit."""
+        got, want = self.stacked_thetas(), {i: self.choices[i].theta() for i in range(len(self.choices))}
+        if not got:
+            return True
+        if not all(torch.equal(got[i], want[i]) for i in got):
+            return False
+        rows = [i for i in got if got[i].requires_grad]
+        alphas = [_choice_tensors(self.choices[i])[0] for i in rows]
+        cotangents = [torch.linspace(-1, 1, got[i].numel()).view_as(got[i]) for i in rows]
+        grads = [torch.autograd.grad([thetas[i] for i in rows], alphas, cotangents, allow_unused=True)
+                 for thetas in (got, want)] if rows else [(), ()]
+        return all((a is None and b is None) or torch.equal(a, b) for a, b in zip(*grads))
 
     def stamp(self) -> tuple:
         """What the thetas (so the costs) depend on: each choice's sampling and the versions
@@ -191,6 +230,7 @@ class _Side:
 
     def __init__(self, plan: _Plan | None, failed: str | None = None):
         self.plan, self.failed = plan, failed
+        self.stacked: bool | None = None  # whether stacking thetas is exact (None: not checked)
         self.compiled: dict[tuple, Any] = {}
         self.costs: tuple[tuple, dict[str, torch.Tensor]] | None = None
 
@@ -218,7 +258,9 @@ def begin_step(model: torch.fx.GraphModule, args: Any = None) -> None:
         return
     if side.failed or not plan.applies(model):  # (nothing is given: end_step cleared it)
         return
-    tensors = plan.tensors()
+    if side.stacked is None:
+        side.stacked = plan.stacking_is_exact()
+    tensors = plan.tensors(side.stacked)
     key = (tuple(c.training for c in plan.choices), tuple((t.requires_grad, t.stride()) for t in tensors))
     costs = tuple(model.meta.get(meta.COST_MODELS) or ())
     try:

@@ -230,19 +230,21 @@ def fake_quant_act(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: to
     return fn.apply(x, lo, hi, theta, bits, mask)
 
 
-def sample_choice(logits: torch.Tensor, temperature: float | torch.Tensor, mode: str, training: bool) -> torch.Tensor:
-    """Choice probabilities theta over dim 0 (the precisions). ``temperature``: a number or a
-    0-d tensor (the modules' buffer: no host read, which a compiled cost could not trace).
+def sample_choice(logits: torch.Tensor, temperature: float | torch.Tensor, mode: str, training: bool,
+                  dim: int = 0) -> torch.Tensor:
+    """Choice probabilities theta over `dim` (the precisions). ``temperature``: a number or a
+    tensor (the modules' buffer: no host read, which a compiled cost could not trace).
 
     Eval mode returns the one-hot argmax; training returns softmax(logits / T), its
     straight-through hard version, or a Gumbel-softmax sample.
     """
+    n = logits.shape[dim]
     if not training:
-        return F.one_hot(logits.argmax(0), logits.shape[0]).movedim(-1, 0).to(logits.dtype)
+        return F.one_hot(logits.argmax(dim), n).movedim(-1, dim).to(logits.dtype)
     if mode == "gumbel":
-        return F.gumbel_softmax(logits, tau=temperature, hard=False, dim=0)
-    soft = torch.softmax(logits / temperature, dim=0)
+        return F.gumbel_softmax(logits, tau=temperature, hard=False, dim=dim)
+    soft = torch.softmax(logits / temperature, dim=dim)
     if mode == "hard":
-        hard = F.one_hot(soft.argmax(0), logits.shape[0]).movedim(-1, 0).to(soft.dtype)
+        hard = F.one_hot(soft.argmax(dim), n).movedim(-1, dim).to(soft.dtype)
         return hard + soft - soft.detach()
     return soft

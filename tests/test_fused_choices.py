@@ -63,6 +63,7 @@ def test_choice_side_matches_the_modules(factory):
             assert not _given(fused)
     side = fused_choices._SIDES[fused]
     assert side.failed is None and side.compiled
+    assert side.stacked and side.plan.stacks  # the activation choices' thetas from one softmax
     stamp, step_costs = side.costs
     assert fused.costs["size"] is step_costs["size"]  # handed out, not recomputed
 
@@ -149,3 +150,16 @@ def test_given_values_are_cleared_when_the_forward_raises():
     with pytest.raises(RuntimeError):
         fused(torch.randn(2, 5, 8, 8))  # wrong channel count: the stem convolution raises
     assert not _given(fused)
+
+
+def test_activation_thetas_are_stacked_only_where_that_is_exact(monkeypatch):
+    """A stacked softmax that would differ from the modules' in a bit is found at the first
+    step: the modules' thetas are used, and the forward equals theirs."""
+    x = torch.randn(2, 3, 8, 8)
+    eager, fused = _pair(M.Residual, x, cost=False)
+    stacked = fused_choices.sample_choice
+    monkeypatch.setattr(fused_choices, "sample_choice", lambda *a, **k: stacked(*a, **k) * (1 + 2 ** -20))
+    out, _, _ = _step(eager, x)
+    got_out, _, _ = _step(fused, x)
+    assert torch.equal(got_out, out)
+    assert fused_choices._SIDES[fused].stacked is False
