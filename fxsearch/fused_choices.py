@@ -85,14 +85,14 @@ class _Plan:
         self.choices = [*self.groups.values(), *(act for act, _ in self.acts.values())]
         self.sources = [(f"{name}.{attr}", layer, attr) for name, (layer, _) in self.layers.items()
                         for attr in ("weight", "bias") if getattr(layer, attr) is not None]
-        # activation choices of one number of precisions, whose thetas one softmax over their
-        # stacked logits gives (a softmax over the last dim computes each row alone, so the rows
-        # equal the modules' thetas bit for bit; checked once, see stacking_is_exact)
-        by_length: dict[int, list[int]] = {}
+        # choices with logits of one shape, whose thetas one softmax over their logits stacked
+        # along a new first dim gives (the softmax computes each of them as it would alone, so
+        # they equal the modules' thetas bit for bit; checked once, see stacking_is_exact)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, choice in enumerate(self.choices):
-            if isinstance(choice, ActSearch) and len(choice.precisions) > 1:
-                by_length.setdefault(len(choice.precisions), []).append(i)
-        self.stacks = [rows for rows in by_length.values() if len(rows) > 1]
+            if len(choice.precisions) > 1:
+                by_shape.setdefault(tuple(_choice_tensors(choice)[0].shape), []).append(i)
+        self.stacks = [rows for rows in by_shape.values() if len(rows) > 1]
         # where the given values go (the modules' __dict__, see _give), in the order of outputs()
         self.theta_tables = [c.__dict__ for c in self.choices]
         self.mask_tables = [act.__dict__ for act, reads in self.acts.values() if reads]
@@ -107,16 +107,17 @@ class _Plan:
                 + [module._parameters[attr] for _, module, attr in self.sources])
 
     def stacked_thetas(self) -> dict[int, torch.Tensor]:
-        """The thetas of each stack of activation choices in one training mode and sampling,
-        from one softmax over their stacked logits: {choice index: theta} (rows of it)."""
+        """The thetas of each stack of choices in training mode and one sampling, from one
+        softmax over their stacked logits: {choice index: theta} (views of it)."""
         thetas = {}
         for rows in self.stacks:
             choices = [self.choices[i] for i in rows]
             sampling = choices[0].sampling
             if any(c.sampling != sampling or not c.training for c in choices):
                 continue
-            alphas, temperatures, _ = zip(*map(_choice_tensors, choices))
-            theta = sample_choice(torch.stack(alphas), torch.stack(temperatures).unsqueeze(1), sampling, True, dim=1)
+            logits = torch.stack([c.logits() for c in choices])
+            temperatures = torch.stack([_choice_tensors(c)[1] for c in choices])
+            theta = sample_choice(logits, temperatures.view(-1, *[1] * (logits.dim() - 1)), sampling, True, dim=1)
             thetas.update(zip(rows, theta.unbind(0)))
         return thetas
 
