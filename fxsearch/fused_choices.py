@@ -7,9 +7,11 @@ step (each a few microseconds of dispatch and autograd bookkeeping): the modules
 traced once (make_fx; the layers' tensors swapped for the traced inputs by
 torch.func.functional_call), forward and backward compiled by inductor, and checked once
 against the modules (values and gradients; a failed check or compile warns and leaves the
-modules to compute their values). The thetas themselves stay the modules' softmax (inductor's
-differs in the last bit, which a later quantizer can turn into a whole code step), so forward
-values equal the modules' bit for bit; costs and gradients agree to float rounding. The
+modules to compute their values). The thetas themselves stay torch's softmax, as the
+modules compute them (inductor's differs in the last bit, which a later quantizer can turn
+into a whole code step), one call for all choices whose logits have one shape where that
+gives the modules' values bit for bit (checked at the first step), so forward values equal
+the modules' bit for bit; costs and gradients agree to float rounding. The
 weights' straight-through gradient is written as plain operations for tracing (see
 traceable_params). The modules take their values from it (``given``, set for one forward);
 SearchModel.cost hands out the costs it computed while the choices are unchanged.
