@@ -102,8 +102,8 @@ class _Plan:
 
     def tensors(self, stacked: bool = True) -> list[torch.Tensor]:
         """What the compiled graph reads: every choice's theta (the modules' own softmax, so
-        that they equal the per-module values bit for bit; where `stacked`, a few activation
-        choices' at once), then the layers' weights and biases."""
+        that they equal the per-module values bit for bit; where `stacked`, the choices of one
+        logits shape from one softmax, see stacked_thetas), then the layers' weights and biases."""
         thetas = self.stacked_thetas() if stacked else {}
         return ([thetas[i] if i in thetas else c.theta() for i, c in enumerate(self.choices)]
                 + [module._parameters[attr] for _, module, attr in self.sources])
@@ -125,9 +125,8 @@ class _Plan:
 
     def stacking_is_exact(self) -> bool:
         """Whether the stacked thetas equal the modules' (values and gradients) bit for bit."""
-        got, want = self.stacked_thetas(), {i: self.choices[i].theta() for i in range(len(self.choices))}
-        if not got:
-            return True
+        got = self.stacked_thetas()
+        want = {i: self.choices[i].theta() for i in got}
         if not all(torch.equal(got[i], want[i]) for i in got):
             return False
         rows = [i for i in got if got[i].requires_grad]
