@@ -95,7 +95,9 @@ class _Plan:
             if len(choice.precisions) > 1:
                 by_shape.setdefault(tuple(_choice_tensors(choice)[0].shape), []).append(i)
         self.stacks = [rows for rows in by_shape.values() if len(rows) > 1]
-        # where the given values go (the modules' __dict__, see _give), in the order of outputs()
+        # where the given values go, in the order of outputs(): the modules' __dict__, written
+        # without nn.Module.__setattr__'s look into its parameter, buffer and module tables (a
+        # hundred of these per step)
         self.theta_tables = [c.__dict__ for c in self.choices]
         self.mask_tables = [act.__dict__ for act, reads in self.acts.values() if reads]
         self.layer_tables = [(layer.__dict__, layer, _scales_bias(layer)) for layer, _ in self.layers.values()]
@@ -159,8 +161,9 @@ class _Plan:
         return all(t.is_cpu and t.dtype is torch.float32 for t in tensors)
 
     def give_thetas(self, thetas: list[torch.Tensor] | None) -> None:
-        for choice, theta in zip(self.choices, thetas or [None] * len(self.choices)):
-            _give(choice, "given", theta)
+        """Gives the choices their thetas (None: takes them back)."""
+        for table, theta in zip(self.theta_tables, thetas or [None] * len(self.theta_tables)):
+            table["given"] = theta
 
     def outputs(self, model: nn.Module, costs: tuple[str, ...], traced: bool = True) -> list[torch.Tensor]:
         """The values, flat: per masked activation its mask, per layer its weight (and its
@@ -177,8 +180,7 @@ class _Plan:
 
     def hand_out(self, thetas: list[torch.Tensor], values: list[torch.Tensor]) -> list[torch.Tensor]:
         """Gives the modules their values (the thetas, then outputs()); returns the costs."""
-        for table, theta in zip(self.theta_tables, thetas):
-            table["given"] = theta
+        self.give_thetas(thetas)
         it = iter(values)
         for table in self.mask_tables:
             table["given_mask"] = next(it)
@@ -188,8 +190,7 @@ class _Plan:
 
     def clear(self) -> None:
         """Takes the given values back."""
-        for table in self.theta_tables:
-            table["given"] = None
+        self.give_thetas(None)
         for table in self.mask_tables:
             table["given_mask"] = None
         for table, _, _ in self.layer_tables:
@@ -200,12 +201,6 @@ def _choice_tensors(choice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
     """alpha, temperature and `allowed` (None where it has none), read from the module's tables
     (nn.Module.__getattr__ costs a few microseconds each inside a step)."""
     return choice._parameters["alpha"], choice._buffers["temperature"], choice._buffers.get("allowed")
-
-
-def _give(module: nn.Module, name: str, value: Any) -> None:
-    """module.name = value for a plain attribute, without nn.Module.__setattr__'s look into its
-    parameter, buffer and module tables (a hundred of these per step)."""
-    module.__dict__[name] = value
 
 
 class _Traced(nn.Module):

@@ -141,20 +141,15 @@ def _weight_backward(w, grad, scale, theta, grad_bias=None, bias=None, *, zero_r
 def _view_3d(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[int, int, int] | None:
     """(A, C, R) to view x in, C the dims the mask spans (the mask is then (C,)), so that
     layers of every kind share compiled code; (numel, 1, 1) without a mask. None where the
-    mask's dims are not adjacent."""
-    return _view_3d_of(x.shape, None if mask is None else mask.shape)
-
-
-@functools.lru_cache(maxsize=4096)
-def _view_3d_of(x_shape: torch.Size, mask_shape: torch.Size | None) -> tuple[int, int, int] | None:
-    if mask_shape is None:
-        return math.prod(x_shape), 1, 1
-    m = (1,) * (len(x_shape) - len(mask_shape)) + tuple(mask_shape)
-    full = [i for i in range(len(x_shape)) if m[i] != 1] or [0]
+    mask's dims are not adjacent. (Found once per layout: _act_call.)"""
+    if mask is None:
+        return x.numel(), 1, 1
+    m = (1,) * (x.dim() - mask.dim()) + tuple(mask.shape)
+    full = [i for i in range(x.dim()) if m[i] != 1] or [0]
     a, b = full[0], full[-1] + 1
-    if any(m[i] != x_shape[i] for i in range(a, b)):
+    if any(m[i] != x.shape[i] for i in range(a, b)):
         return None
-    return math.prod(x_shape[:a]), math.prod(x_shape[a:b]), math.prod(x_shape[b:])
+    return math.prod(x.shape[:a]), math.prod(x.shape[a:b]), math.prod(x.shape[b:])
 
 
 # Compiled code is called directly, without torch.compile's frame evaluation and guards (about
