@@ -179,26 +179,46 @@ def _compile(family: tuple, fn, tensors: list[torch.Tensor]):
     return function
 
 
+def compile_capturing(gm: torch.fx.GraphModule, inputs: list) -> tuple[object, list]:
+    """gm compiled by inductor, as AOT autograd wraps it, with the graphs inductor compiled on
+    the way and their generated code: [(graph, code)], the forward, then the backward where
+    inputs need gradients (compiled now, not at the first backward). The forward's inputs are
+    gm's parameters and buffers (constants_of), then `inputs`. AOT autograd's cache is off for
+    it (a hit would hand back the wrapped code without compiling the inner graphs); inductor's
+    own cache still serves."""
+    inner = []
+
+    def compile_inner(graph, example_inputs, **kwargs):
+        code = compile_fx_inner(graph, example_inputs, **kwargs)
+        inner.append((graph, code))
+        return code
+
+    with functorch_config.patch(enable_autograd_cache=False, force_non_lazy_backward_lowering=True):
+        wrapped = compile_fx(gm, inputs, inner_compile=compile_inner)
+    return wrapped, inner
+
+
+def constants_of(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
+    """The tensors AOT autograd passes to gm's forward code ahead of the inputs."""
+    return [*dict(gm.named_parameters(remove_duplicate=False)).values(),
+            *dict(gm.named_buffers(remove_duplicate=False)).values()]
+
+
+def placeholders_of(graph: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in graph.graph.nodes if n.op == "placeholder"]
+
+
 def _inductor(gm: torch.fx.GraphModule, placeholders: list):
     """gm compiled by inductor, called straight into its generated code where that takes and
     returns exactly gm's tensors: AOT autograd's runtime wrappers around it (a dozen Python
     calls, for input mutations, aliased outputs and the like, none of which these kernels
     have) cost more than a small kernel inside a training step (0.5 ms of a DS-CNN step). The
     first call compares the two ways' results; the wrapped one stays where they differ."""
-    inner = []
-
-    def compile_inner(graph, inputs, **kwargs):
-        code = compile_fx_inner(graph, inputs, **kwargs)
-        inner.append((graph, code))
-        return code
-
-    # (AOT autograd's cache would hand back the wrapped code without compiling the inner graph)
-    with functorch_config.patch(enable_autograd_cache=False):
-        wrapped = compile_fx(gm, placeholders, inner_compile=compile_inner)
+    wrapped, inner = compile_capturing(gm, placeholders)
     if len(inner) != 1 or getattr(inner[0][1], "current_callable", None) is None:
         return wrapped
     graph, code = inner[0]
-    inputs = [n.meta.get("val") for n in graph.graph.nodes if n.op == "placeholder"]
+    inputs = [n.meta.get("val") for n in placeholders_of(graph)]
     outputs = graph.graph.output_node().args[0]
     if (len(inputs) != len(placeholders) or not all(isinstance(v, torch.Tensor) for v in inputs)
             or len(outputs) != len(gm.graph.output_node().args[0])):

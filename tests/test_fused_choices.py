@@ -64,6 +64,8 @@ def test_choice_side_matches_the_modules(factory):
     side = fused_choices._SIDES[fused]
     assert side.failed is None and side.compiled
     assert side.stacked and side.plan.stacks  # the activation choices' thetas from one softmax
+    # the generated code called without AOT autograd's runtime wrappers
+    assert all(isinstance(f, fused_choices._Joint) for f in side.compiled.values())
     stamp, step_costs = side.costs
     assert fused.costs["size"] is step_costs["size"]  # handed out, not recomputed
 
@@ -163,3 +165,22 @@ def test_activation_thetas_are_stacked_only_where_that_is_exact(monkeypatch):
     got_out, _, _ = _step(fused, x)
     assert torch.equal(got_out, out)
     assert fused_choices._SIDES[fused].stacked is False
+
+
+def test_choice_side_keeps_the_wrapped_code_where_its_own_call_disagrees(monkeypatch):
+    """A _Joint whose values differ from the modules' fails the first step's check: the
+    AOT-wrapped code, which passes it, serves instead, without a warning."""
+    x = torch.randn(2, 3, 8, 8)
+    eager, fused = _pair(M.Residual, x, cost=False)
+    call = fused_choices._Joint.__call__
+    monkeypatch.setattr(fused_choices._Joint, "__call__", lambda self, *t: tuple(v * 1.01 for v in call(self, *t)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        out, _, grads = _step(eager, x)
+        got_out, _, got_grads = _step(fused, x)
+    assert torch.equal(got_out, out)
+    for k, g in grads.items():
+        torch.testing.assert_close(got_grads[k], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()), msg=k)
+    side = fused_choices._SIDES[fused]
+    assert side.failed is None and side.compiled
+    assert not any(isinstance(f, fused_choices._Joint) for f in side.compiled.values())
