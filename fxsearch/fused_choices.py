@@ -5,7 +5,8 @@ search layer's quantized weight and bias, and the costs -- is computed at the st
 train-mode forward by one call instead of a few hundred small operations spread over the
 step (each a few microseconds of dispatch and autograd bookkeeping): the modules' own code,
 traced once (make_fx; the layers' tensors swapped for the traced inputs by
-torch.func.functional_call), forward and backward compiled by inductor, and checked once
+torch.func.functional_call), forward and backward compiled by inductor (called through an
+autograd.Function of its own where it can be, see _Joint), and checked once
 against the modules (values and gradients; a failed check or compile warns and leaves the
 modules to compute their values). The thetas themselves stay torch's softmax, as the
 modules compute them (inductor's differs in the last bit, which a later quantizer can turn
