@@ -27,6 +27,7 @@ At --batch 1 the tensors are small and the ratio shows the search step's fixed c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -98,6 +99,20 @@ class Trainer:
         return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null: the profiler's C++ side prints two lines per profile
+    (profiler_start / profiler_stop) that no setting turns off."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_step_bytes(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> int:
     """Peak bytes allocated during one step, everything live included."""
     trainer.zero_grad()
@@ -108,7 +123,7 @@ def peak_step_bytes(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         trainer.step(x, y)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
