@@ -161,6 +161,10 @@ def _view_3d(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[int, int, int]
 # one more.
 _FAMILIES: dict[tuple, list[tuple[list, object]]] = {}  # family -> [(traced placeholders, function)]
 _BY_LAYOUT: dict[tuple, object] = {}  # family, sizes and strides -> function
+# The per-layout lookups (_BY_LAYOUT, _ACT_CALLS) start afresh when they reach this many
+# entries (inputs of ever new sizes, such as variable sequence lengths): rebuilding an entry
+# finds its family's compiled code again, it compiles nothing.
+MAX_LAYOUTS = 1024
 # no size relations assumed from sizes that happen to be equal at tracing
 _NO_DUCK_SHAPES = fx_config.patch(use_duck_shape=False)
 
@@ -264,10 +268,16 @@ def _function(name: str, fn, tensors: list[torch.Tensor], static: dict):
     layout = (name, *static.items(), *[(t.dtype, t.device, t.shape, t.stride()) for t in tensors])
     function = _BY_LAYOUT.get(layout)
     if function is None:
+        _make_room(_BY_LAYOUT)
         family = (name, *static.items(), *[(t.dtype, t.device, t.dim()) for t in tensors])
         function = _BY_LAYOUT[layout] = _compile(family, functools.partial(fn, **static),
                                                  [t.detach() for t in tensors])
     return function
+
+
+def _make_room(lookup: dict) -> None:
+    if len(lookup) >= MAX_LAYOUTS:
+        lookup.clear()
 
 
 def _give_up(err: Exception) -> None:
@@ -323,6 +333,7 @@ def _act_call(x, lo, hi, theta, bits, mask, may_saturate: bool) -> _ActCall | No
             call = _ActCall(shape, _function("act_forward", _act_forward, tensors, {"may_saturate": may_saturate}))
         except Exception as err:
             return _give_up(err)
+    _make_room(_ACT_CALLS)
     _ACT_CALLS[key] = call
     return call
 

@@ -163,6 +163,35 @@ def test_fused_code_is_shared_by_the_sizes_its_guards_admit(monkeypatch):
     assert len(fused_quantizers._BY_LAYOUT) == 3
 
 
+def test_layout_lookups_start_afresh_when_full(monkeypatch):
+    """Inputs of ever new sizes do not grow the per-layout lookups past MAX_LAYOUTS; after a
+    restart the same code serves (nothing recompiled) and values and gradients stay eager's."""
+    monkeypatch.setattr(fused_quantizers, "_FAMILIES", {})
+    monkeypatch.setattr(fused_quantizers, "_BY_LAYOUT", {})
+    monkeypatch.setattr(fused_quantizers, "_ACT_CALLS", {})
+    monkeypatch.setattr(fused_quantizers, "MAX_LAYOUTS", 3)
+    torch.manual_seed(6)
+    bits = torch.tensor([2.0, 4.0, 8.0])
+    lo, hi = torch.tensor(0.0), torch.tensor(2.0)
+    theta = torch.softmax(torch.randn(3), 0)
+    sizes = []
+    for length in range(2, 9):  # a sequence model's varying lengths
+        x = (3 * torch.randn(4, 8, length)).requires_grad_()
+        x_eager = x.detach().clone().requires_grad_()
+        with torch.enable_grad():
+            fused = fake_quant_act(x, lo, hi, bits, theta, fused=True)
+            eager = fake_quant_act(x_eager, lo, hi, bits, theta)
+            g = torch.randn_like(fused)
+            fused.backward(g)
+            eager.backward(g)
+        assert torch.equal(fused, eager) and torch.equal(x.grad, x_eager.grad)
+        sizes.append((len(fused_quantizers._BY_LAYOUT), len(fused_quantizers._ACT_CALLS)))
+    assert max(max(s) for s in sizes) <= 3
+    assert min(s[1] for s in sizes[3:]) == 1  # it did start afresh
+    families = {family[0]: len(fs) for family, fs in fused_quantizers._FAMILIES.items()}
+    assert families["act_forward"] == 1, families
+
+
 def test_float64_quantizers_stay_eager():
     """The tracer turns float64 clip bounds into Python numbers inductor cannot compile: a
     float64 model keeps the eager quantizers, and compiling stays available for float32."""
