@@ -13,11 +13,16 @@ Each model is exported twice, converted with float residual adds (the method as 
 with integer_adds=True (8-bit add operands, so the convolutions feeding the adds fuse to
 QLinearConv too); `int/float` = latency(float adds) / latency(integer adds) at the same level.
 
-    python bench/deploy_speedup.py [--models resnet8,resnet18] [--levels 0,0.25,0.5,0.75] [--threads 1,2] [--batch 1] [--size 64]
+With --profile, onnxruntime's profiler then splits each file's node time into convolutions
+(QLinearConv, Conv, FusedConv; nearly all of the MACs) and everything else, per level and with
+the speed-up of each part: whether the convolution kernels themselves track the MAC ratio.
+
+    python bench/deploy_speedup.py [--models resnet8,resnet18] [--levels 0,0.25,0.5,0.75] [--threads 1,2] [--batch 1] [--size 64] [--profile]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -88,6 +93,46 @@ def fused_ops(path: str) -> str:
                      if op in ops)
 
 
+CONVOLUTIONS = ("QLinearConv", "Conv", "FusedConv")
+
+
+def node_times(path: str, x: np.ndarray, threads: int, runs: int) -> dict[str, float]:
+    """Seconds per run in onnxruntime's profile: convolutions, the rest, and the slowest node."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(os.path.dirname(path), "profile")
+    s = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        s.run(None, {"input_0": x})
+    trace = s.end_profiling()
+    with open(trace) as f:
+        events = [e for e in json.load(f) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    os.remove(trace)
+    times = {"conv": 0.0, "rest": 0.0}
+    by_node: dict[str, float] = {}
+    for e in events:
+        times["conv" if e["args"]["op_name"] in CONVOLUTIONS else "rest"] += e["dur"] * 1e-6 / runs
+        by_node[e["name"]] = by_node.get(e["name"], 0.0) + e["dur"] * 1e-6 / runs
+    slowest = max(by_node, key=by_node.get)
+    times["slowest"], times["slowest_name"] = by_node[slowest], slowest.removesuffix("_kernel_time")
+    return times
+
+
+def print_profile(name: str, paths: dict, macs: dict, levels: list, x: np.ndarray, threads: int, runs: int) -> None:
+    print(f"# onnxruntime profile, {name}, {threads} thread(s): node time in convolutions and the rest")
+    print(f"{'model':<9} {'adds':>5} {'pruned':>6} {'conv ms':>8} {'speed-up':>8} {'rest ms':>8} {'speed-up':>8} "
+          f"{'MAC ratio':>9}  slowest node")
+    for adds in sorted({a for a, _ in paths}):
+        base = node_times(paths[adds, 0.0], x, threads, runs)
+        for f in levels:
+            t = base if f == 0.0 else node_times(paths[adds, f], x, threads, runs)
+            print(f"{name:<9} {adds:>5} {f:>6.0%} {1e3 * t['conv']:>8.3f} {base['conv'] / t['conv']:>8.2f} "
+                  f"{1e3 * t['rest']:>8.3f} {base['rest'] / t['rest']:>8.2f} {macs[0.0] / macs[f]:>9.2f}  "
+                  f"{t['slowest_name']} {1e3 * t['slowest']:.3f} ms", flush=True)
+
+
 def latencies(sessions: dict, x: np.ndarray, runs: int) -> dict:
     times = {k: [] for k in sessions}
     for s in sessions.values():  # warm-up
@@ -109,6 +154,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--size", type=int, default=None, help="input side for resnet18 (default 64)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also split onnxruntime's node time into convolutions and the rest (first thread count)")
     args = parser.parse_args()
     levels = [float(v) for v in args.levels.split(",")]
     print(f"onnxruntime {ort.__version__}, qdq format (w8a8), batch {args.batch}, ORT_ENABLE_ALL, median of {args.runs} runs")
@@ -136,6 +183,8 @@ def main() -> None:
                         print(f"{name:<9} {adds:>5} {f:>6.0%} {threads:>7} {macs[f]:>11,} {1e3 * lat[adds, f]:>10.3f} "
                               f"{mac_ratio:>9.2f} {speedup:>8.2f} {speedup / mac_ratio:>12.2f} "
                               f"{lat['float', f] / lat['int8', f]:>9.2f}", flush=True)
+            if args.profile:
+                print_profile(name, paths, macs, levels, x, int(args.threads.split(",")[0]), args.runs)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ def optimized_ops(path: str) -> list[str]:
     (ORT_ENABLE_ALL, CPU): where it fused Q/DQ pairs into QLinearConv, QLinearAdd and the like."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # not its warning that the saved graph is tuned to this CPU
     with tempfile.TemporaryDirectory() as tmp:
         options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
