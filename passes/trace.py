@@ -8,7 +8,10 @@ search neither prices nor searches it: finalize would remove it anyway.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import sys
 import traceback
 from typing import Any, Sequence
 
@@ -98,8 +101,12 @@ class _NamedShapeProp(ShapeProp):
         self.extra_traceback = False  # our message already names the node
 
     def run_node(self, n: torch.fx.Node) -> Any:
+        # ShapeProp prints the op's traceback to stderr before it re-raises: held back here
+        # (the TraceError below says what failed), replayed where the node ran
+        printed = io.StringIO()
         try:
-            return super().run_node(n)
+            with contextlib.redirect_stderr(printed):
+                result = super().run_node(n)
         except TraceError:
             raise
         except Exception as err:
@@ -111,6 +118,9 @@ class _NamedShapeProp(ShapeProp):
                 f"{type(root).__name__}: {(str(root).splitlines() or [''])[0]}. Check that example_inputs have the shape and "
                 "dtype the model expects (a tuple with one tensor per positional input)."
             ) from err
+        if printed.getvalue():
+            sys.stderr.write(printed.getvalue())
+        return result
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:

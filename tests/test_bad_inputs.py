@@ -144,13 +144,14 @@ CONVERT_CASES = [
 
 @pytest.mark.parametrize("model_fn, inputs_fn, options, error, fragments",
                          [c[1:] for c in CONVERT_CASES], ids=[c[0] for c in CONVERT_CASES])
-def test_convert_refuses_with_a_typed_error_naming_the_culprit(model_fn, inputs_fn, options, error, fragments):
+def test_convert_refuses_with_a_typed_error_naming_the_culprit(model_fn, inputs_fn, options, error, fragments, capsys):
     model = model_fn()
     with pytest.raises(error) as info:
         fxsearch.convert(model, inputs_fn(), **options)
     assert isinstance(info.value, fxsearch.FxSearchError)
     for fragment in fragments:
         assert fragment in str(info.value), (fragment, str(info.value))
+    assert "Traceback" not in capsys.readouterr().err  # the error alone, no traceback printed ahead of it
 
 
 class Flagged(nn.Module):
