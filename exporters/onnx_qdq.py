@@ -41,7 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fxsearch import meta
 from fxsearch.checks import check_finite
-from fxsearch.errors import ExportError
+from fxsearch.errors import ExportError, FxSearchError
 from fxsearch.final_modules import FakeQuantAct, QuantWeightMixin
 from fxsearch.passes.sort_channels import sort_channels
 
@@ -116,6 +116,23 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [""])[0][:300]
+
+
+def _check_runs(twin: nn.Module, example_inputs: Sequence[Any]) -> None:
+    """Raise where the model itself fails on the example inputs (a wrong shape or dtype)."""
+    try:
+        twin(*example_inputs)
+    except Exception as err:
+        given = ", ".join(f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                          for t in example_inputs)
+        raise ExportError(
+            f"the model fails on the example inputs ({given}): {type(err).__name__}: {_first_line(err)}. "
+            "Pass inputs of the shape and dtype it was converted with (python -m fxsearch.export: "
+            "--input-shape)") from err
+
+
 def _torch_onnx(twin: nn.Module, example_inputs: Sequence[Any], opset: int) -> onnx.ModelProto:
     """Float export; weights stay initializers named after their parameters.
 
@@ -136,7 +153,9 @@ def _torch_onnx(twin: nn.Module, example_inputs: Sequence[Any], opset: int) -> o
             model = program.model_proto if dynamo else onnx.load_from_string(buffer.getvalue())
             break
         except Exception as err:
-            errors.append(f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+            errors.append(f"{type(err).__name__}: {_first_line(err)}")
+            if not dynamo:  # before the second exporter tries (and logs its own failure)
+                _check_runs(twin, example_inputs)
     else:
         raise ExportError(f"torch.onnx could not export the float graph: {' / '.join(errors)}")
     if opset > model.opset_import[0].version:
@@ -507,6 +526,13 @@ def export_onnx(final: torch.fx.GraphModule, path: str, example_inputs: Sequence
     builders = {"qdq": export_qdq, "packed": export_packed}
     if format not in builders:
         raise ExportError(f"format {format!r} is not available; use format='qdq' or 'packed'")
-    model = builders[format](final, example_inputs, opset)
+    try:
+        model = builders[format](final, example_inputs, opset)
+    except FxSearchError:
+        raise
+    except Exception:  # the packed format's channel sort runs the model first
+        with torch.no_grad():
+            _check_runs(final, example_inputs)
+        raise
     write_atomically(path, model.SerializeToString(), error=ExportError, what="ONNX file")
     return model

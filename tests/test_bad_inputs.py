@@ -251,6 +251,17 @@ def test_export_refuses_non_finite_weights(final_and_x, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("fmt", ["qdq", "packed"])
+def test_export_names_example_inputs_the_model_refuses(final_and_x, tmp_path, fmt, capfd):
+    """A wrong input shape is named with the inputs and the CLI option, before torch.onnx's
+    second exporter tries (and logs its own failure); nothing is written."""
+    final, x = final_and_x
+    with pytest.raises(ExportError, match=r"fails on the example inputs \(\(1, 3, 8\) torch.float32\).*--input-shape"):
+        fxsearch.export_onnx(final, tmp_path / "m.onnx", (torch.randn(1, 3, 8),), format=fmt)
+    assert os.listdir(tmp_path) == []
+    assert capfd.readouterr().err == ""
+
+
 # ---- unwritable output paths: nothing half-written ------------------------------------------
 def _unwritable(tmp_path, kind: str):
     """A path that cannot be written, even by root: in a missing folder, under a regular file,
