@@ -2,6 +2,7 @@
 visible order."""
 from __future__ import annotations
 
+import difflib
 from typing import Any, Sequence
 
 import torch
@@ -14,6 +15,7 @@ from fxsearch.passes.trace import trace
 
 from .checks import check_example_inputs, check_finite, model_device
 from .config import SearchConfig
+from .errors import ConfigError
 from .model import SearchModel
 
 
@@ -40,12 +42,26 @@ def convert(
     if isinstance(model, torch.nn.Module) and isinstance(example_inputs, (tuple, list)):
         check_example_inputs(model, example_inputs)  # one device, finite inputs (else trace says why)
         check_finite(model)
+        _check_module_names(model, cfg)
     leaves = tuple(cfg.leaf_modules) + tuple(e for e in cfg.exclude)
     gm = trace(model, example_inputs, leaf_modules=leaves, concrete_args=cfg.concrete_args)
     for p in (ChannelGroupPass(example_inputs, cfg.exclude), InsertSearchNodesPass(cfg), AbsorbReluPass(),
               CostPass(cost)):
         gm = p(gm).graph_module
     return _like(SearchModel.wrap(gm, cfg), model)
+
+
+def _check_module_names(model: torch.nn.Module, cfg: SearchConfig) -> None:
+    """Every module name in exclude and leaf_modules names a submodule (a misspelt one would
+    silently leave that layer searched or traced through)."""
+    names = [n for n, _ in model.named_modules() if n]
+    for option in ("exclude", "leaf_modules"):
+        for name in getattr(cfg, option):
+            if isinstance(name, str) and name not in names:
+                close = difflib.get_close_matches(name, names, n=3)
+                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else \
+                    " (names as model.named_modules() gives them, e.g. 'layer1.0.conv1')"
+                raise ConfigError(f"{option} names {name!r}, which is no submodule of {type(model).__name__}{hint}")
 
 
 def _like(sm: SearchModel, model: torch.nn.Module) -> SearchModel:

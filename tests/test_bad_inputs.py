@@ -139,6 +139,10 @@ CONVERT_CASES = [
      ["a_precisions holds -4"]),
     ("input-bits-non-integer", M.PlainChain, lambda: (x_(),), {"input_bits": 2.5}, ConfigError,
      ["input_bits", "2.5"]),
+    ("exclude-misspelt", M.PlainChain, lambda: (x_(),), {"exclude": ("cnv1",)}, ConfigError,
+     ["exclude names 'cnv1'", "no submodule of PlainChain", "did you mean 'conv1'"]),
+    ("leaf-module-unknown", M.PlainChain, lambda: (x_(),), {"leaf_modules": ("backbone",)}, ConfigError,
+     ["leaf_modules names 'backbone'", "named_modules()"]),
 ]
 
 
