@@ -234,7 +234,7 @@ def _epoch(model: nn.Module, loader: Loader, optimizers: Sequence[torch.optim.Op
             for opt in optimizers:
                 scaler.step(opt)
             scaler.update()
-        _bracket_zero(model)
+        bracket_zero(model)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v
         n += 1
@@ -247,9 +247,11 @@ def _epoch(model: nn.Module, loader: Loader, optimizers: Sequence[torch.optim.Op
 
 
 @torch.no_grad()
-def _bracket_zero(model: nn.Module) -> None:
-    """Keep every learned activation range [lo, hi] around 0 (lo <= 0 <= hi): a signed range
-    that drifted to lo > 0 (inputs in [0, 1]) has no integer zero point in the uint8 grid."""
+def bracket_zero(model: nn.Module) -> None:
+    """Keep every learned activation range [lo, hi] around 0 (lo <= 0 <= hi), in a search or a
+    finalized model; call it after each optimiser step of a loop of your own (the driver does):
+    a signed range that drifted to lo > 0 (inputs in [0, 1]) has no integer zero point in the
+    uint8 grid."""
     for m in model.modules():
         if isinstance(m, (ActSearch, FakeQuantAct)) and isinstance(m.lo, nn.Parameter):
             m.lo.clamp_(max=0.0)

@@ -51,7 +51,7 @@ ACT_INDEPENDENT = ("size", "size_bytes", "params", "macs")   # costs blind to ac
 RESULT_OPTIONS = ("model", "model_kwargs", "data", "image_size", "cost", "w_precisions", "a_precisions",
                   "sampling", "epochs", "warmup_epochs", "finetune_epochs", "patience", "batch_size", "seed",
                   "lr", "arch_lr", "arch_optimizer", "finetune_lr", "schedule", "lambda_ramp_epochs", "normalize_cost", "freeze_bn", "keep", "limit_train",
-                  "limit_eval", "integer_adds")
+                  "limit_eval", "integer_adds", "amp")
 
 
 # ---- argument types --------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from fxsearch import ConfigError, fused_choices
 from fxsearch.data import load_data
 from fxsearch.final_modules import QuantWeightMixin
 from fxsearch.search_modules import ActSearch, WeightSearchMixin
-from fxsearch.search import (SearchResult, SearchSettings, evaluate, make_optimizers, run_search, search,
-                             sequential_search, warmup)
+from fxsearch.search import (SearchResult, SearchSettings, bracket_zero, evaluate, make_optimizers, run_search,
+                             search, sequential_search, warmup)
 from fxsearch.search_cli import main
 
 
@@ -131,6 +131,35 @@ def test_imagefolder_splits_one_folder(tmp_path):
 
 
 # ---- the driver ----------------------------------------------------------------------------
+def test_the_readme_loop_moves_the_choices_and_keeps_clip_ranges_around_zero():
+    """README's own loop: convert keeps the model's mode (eval here, where every choice is its
+    argmax and the choices get no gradient), so the loop calls train(); make_optimizers spares
+    the clip bounds weight decay; bracket_zero clamps lo <= 0 <= hi and nothing else."""
+    torch.manual_seed(0)
+    sm = fxsearch.convert(Tiny(c_in=3).eval(), (torch.randn(4, 3, 8, 8),))
+    assert not sm.training
+    opt_w, opt_a = make_optimizers(sm)
+    bounds = {id(p) for p in sm.quantizer_parameters()}
+    assert bounds and all(g["weight_decay"] == (0.0 if id(g["params"][0]) in bounds else 1e-4)
+                          for g in opt_w.param_groups)
+    before = [p.detach().clone() for p in sm.arch_parameters()]
+    sm.train()
+    for _ in range(2):
+        x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+        loss = nn.functional.cross_entropy(sm(x), y) + 0.5 * sm.cost / sm.cost.detach()
+        opt_w.zero_grad(); opt_a.zero_grad(); loss.backward(); opt_w.step(); opt_a.step()
+        bracket_zero(sm)
+    assert any(not torch.equal(a, b) for a, b in zip(before, sm.arch_parameters()))
+    acts = [m for m in sm.modules() if isinstance(m, ActSearch) and isinstance(m.lo, nn.Parameter)]
+    with torch.no_grad():
+        acts[0].lo.fill_(0.3)
+        acts[-1].hi.fill_(-0.2)
+        kept = [(m.lo.clone(), m.hi.clone()) for m in acts[1:-1]]
+    bracket_zero(sm)
+    assert float(acts[0].lo.detach()) == 0.0 and float(acts[-1].hi.detach()) == 0.0 and len(acts) > 2
+    assert all(torch.equal(m.lo, lo) and torch.equal(m.hi, hi) for m, (lo, hi) in zip(acts[1:-1], kept))
+
+
 def test_search_trains_and_a_large_lambda_cuts_the_cost(digits8):
     train, val, _ = loaders(digits8)
     torch.manual_seed(0)
@@ -306,6 +335,7 @@ def test_cli_writes_a_resumable_run_directory(tmp_path):
     assert (out / "joint/lambda_3/report.json").is_file()
     assert len(list(csv.DictReader((out / "pareto.csv").open()))) == 3
 
-    changed = cli(*TINY_RUN, "--out", str(out), "--epochs", "2")
-    assert changed.returncode == 1 and "error: ConfigError: run directory" in changed.stderr
-    assert "epochs=1" in changed.stderr
+    for option, stored in ((("--epochs", "2"), "epochs=1"), (("--amp", "bf16"), "amp=None")):
+        changed = cli(*TINY_RUN, "--out", str(out), *option)
+        assert changed.returncode == 1 and "error: ConfigError: run directory" in changed.stderr
+        assert stored in changed.stderr
