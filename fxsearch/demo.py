@@ -1,5 +1,5 @@
 """`make demo`: the search CLI with its defaults (python -m fxsearch.search): ResNet-8 on
-scikit-learn's bundled digits, a float warm-up, joint searches at three lambdas and the uniform
+scikit-learn's bundled digits, a float warm-up, joint searches at four lambdas (1, 2, 4, 8) and the uniform
 w8a8 / w4a8 / w2a8 baselines, then a table of the results and where the plot, the reports and
 the ONNX files are (runs/resnet8-digits/). A few minutes on 2 CPU cores; running it again
 reads the finished runs instead of training them again.

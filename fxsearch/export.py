@@ -160,7 +160,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from fxsearch.exporters import export_onnx, verify_onnx
     except ImportError as err:
         raise ExportError(f"the ONNX exporter is not available (fxsearch.exporters: {err})") from err
-    export_onnx(final, args.output, inputs, format=args.format, opset=args.opset)
+    proto = export_onnx(final, args.output, inputs, format=args.format, opset=args.opset)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     say(f"wrote {args.output} ({os.path.getsize(args.output)} bytes, format {args.format})")
     verified = None
     if args.check:
@@ -169,7 +170,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         verified = {"ok": bool(report.ok), "summary": report.summary()}
     if args.report:
         data = {
-            "source": source, "output": args.output, "format": args.format, "opset": args.opset,
+            "source": source, "output": args.output, "format": args.format, "opset": opset,
             "onnx_bytes": os.path.getsize(args.output),
             "input_shapes": [list(t.shape) for t in inputs],
             "totals": {k: sum(r[k] for r in layers) for k in ("channels_kept", "channels_original", "weights", "weight_bits")},

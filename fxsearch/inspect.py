@@ -122,8 +122,8 @@ def _write(kind: str, path: str, texts: dict[str, str], say) -> None:
         source = os.path.splitext(path)[0] + ".dot"
         write_atomically(source, texts["dot"].encode())
         picture = render_graphviz(texts["dot"], kind)
-        if picture is None:
-            say(f"Graphviz `dot` is not on PATH, so {path} was NOT rendered; wrote its source {source} "
+        if picture is None:  # what was asked for is missing: said even under --quiet
+            say(force=True, msg=f"Graphviz `dot` is not on PATH, so {path} was NOT rendered; wrote its source {source} "
                 f"(render it where Graphviz is installed: dot -T{kind} {source} -o {path}), or use "
                 "--out-html for a picture without Graphviz")
             return
@@ -137,8 +137,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .graph_render import format_table, to_dot, to_html
     from .graph_view import inspect_graph
 
-    def say(msg: str) -> None:
-        if not args.quiet:
+    def say(msg: str, force: bool = False) -> None:
+        if force or not args.quiet:
             print(f"fxsearch.inspect: {msg}", file=sys.stderr, flush=True)
 
     outs = _outputs(args, parser)

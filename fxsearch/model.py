@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from . import cost_models, meta
 from .config import SearchConfig
+from .errors import ConfigError
 from .search_modules import ActSearch, GroupChoice, WeightSearchMixin
 
 
@@ -56,7 +57,7 @@ class SearchModel(torch.fx.GraphModule):
     @temperature.setter
     def temperature(self, value: float) -> None:
         if not value > 0:
-            raise ValueError(f"temperature must be positive, got {value}")
+            raise ConfigError(f"temperature must be positive, got {value}")
         for m in self._choices():
             m.temperature.fill_(value)
 
@@ -72,7 +73,6 @@ class SearchModel(torch.fx.GraphModule):
     @sampling.setter
     def sampling(self, mode: str) -> None:
         from .config import SAMPLING_MODES
-        from .errors import ConfigError
         if mode not in SAMPLING_MODES:
             raise ConfigError(f"sampling={mode!r}; choose one of {SAMPLING_MODES}")
         for m in self._choices():

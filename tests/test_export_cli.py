@@ -121,6 +121,8 @@ def test_end_to_end_torchvision_resnet18(tmp_path):
     assert "Traceback" not in r.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["source"]["bits"] == "w8a8" and report["check"]["ok"]
+    import onnx
+    assert report["opset"] == onnx.load(tmp_path / "r.onnx").opset_import[0].version  # the one chosen
     assert all(set(layer["w_bits"]) == {8} and layer["a_bits"] in (8, None) for layer in report["layers"])
     assert report["totals"]["channels_kept"] == report["totals"]["channels_original"]
 

@@ -256,9 +256,11 @@ def test_cli_on_a_checkpoint_shows_its_choices(tmp_path):
     assert total == f"{sm.discrete_cost('size'):.6g}"
 
 
-def test_svg_without_graphviz_writes_the_dot_and_says_so(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("quiet", [[], ["-q"]])
+def test_svg_without_graphviz_writes_the_dot_and_says_so(tmp_path, monkeypatch, capsys, quiet):
+    """Said under --quiet too: the file asked for is missing."""
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert main(["--model", "models:PlainChain", "--input-shape", "2,3,8,8", "--out",
+    assert main(["--model", "models:PlainChain", "--input-shape", "2,3,8,8", *quiet, "--out",
                  str(tmp_path / "g.svg")]) == 0
     err = capsys.readouterr().err
     assert "Graphviz `dot` is not on PATH" in err and "NOT rendered" in err
