@@ -15,7 +15,10 @@ gives the modules' values bit for bit (checked at the first step), so forward va
 the modules' bit for bit; costs and gradients agree to float rounding. The
 weights' straight-through gradient is written as plain operations for tracing (see
 traceable_params). The modules take their values from it (``given``, set for one forward);
-SearchModel.cost hands out the costs it computed while the choices are unchanged.
+SearchModel.cost hands out the costs it computed while the choices are unchanged and no
+backward has run through them (after one, it computes them anew: task and cost may each have
+a backward of their own, the cost's second or with retain_graph, since both read the step's
+thetas).
 
 Applies in train mode with gradients, on float32 CPU tensors, outside autocast, without Gumbel
 sampling; elsewhere the modules compute their values as before.
@@ -141,13 +144,14 @@ class _Plan:
 
     def stamp(self) -> tuple:
         """What the thetas (so the costs) depend on: each choice's sampling and the versions
-        of its tensors (bumped by every in-place change: optimiser steps, loads, fill_)."""
+        of its tensors (bumped by every in-place change: optimiser steps, loads, fill_) and
+        whether they need gradients."""
         stamp = []
         for c in self.choices:
             stamp.append(c.sampling)
             for t in _choice_tensors(c):
                 if t is not None:
-                    stamp += (id(t), t._version)
+                    stamp += (id(t), t._version, t.requires_grad)
         return tuple(stamp)
 
     def applies(self, model: nn.Module) -> bool:
@@ -255,6 +259,7 @@ def begin_step(model: torch.fx.GraphModule, args: Any = None) -> None:
     if plan is None:
         return
     if side.failed or not plan.applies(model):  # (nothing is given: end_step cleared it)
+        side.costs = None
         return
     if side.stacked is None:
         side.stacked = plan.stacking_is_exact()
@@ -272,7 +277,17 @@ def begin_step(model: torch.fx.GraphModule, args: Any = None) -> None:
                       f"per module ({side.failed[:200]})")
         return
     thetas = tensors[:len(plan.choices)]
-    side.costs = (plan.stamp(), dict(zip(costs, plan.hand_out(thetas, list(values)))))
+    step = dict(zip(costs, plan.hand_out(thetas, list(values))))
+    side.costs = (plan.stamp(), step)
+    node = next((c.grad_fn for c in step.values() if c.grad_fn is not None), None)
+    if node is not None:  # served until a backward runs through them (it frees what they saved)
+        node.register_prehook(functools.partial(_spent, weakref.ref(side), step))
+
+
+def _spent(side_ref: "weakref.ref[_Side]", step: dict, grads: Any) -> None:
+    side = side_ref()
+    if side is not None and side.costs is not None and side.costs[1] is step:
+        side.costs = None
 
 
 def end_step(model: torch.fx.GraphModule, args: Any = None, out: Any = None) -> None:
@@ -283,10 +298,17 @@ def end_step(model: torch.fx.GraphModule, args: Any = None, out: Any = None) -> 
         side.plan.clear()
 
 
+def forget(model: nn.Module) -> None:
+    """Drops the model's choice side (compiled code, last costs): SearchModel.fuse_quantizers
+    turning it off."""
+    _SIDES.pop(model, None)
+
+
 def step_costs(model: torch.fx.GraphModule, names: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
-    """The costs the last forward's choice side computed, if the choices they came from are
-    unchanged since (no optimiser step, load, temperature or sampling change) and the caller
-    is in the same regime (train mode, gradients on); else None."""
+    """The costs the last forward's choice side computed, if no backward has run through them
+    yet, the choices they came from are unchanged since (no optimiser step, load, temperature,
+    sampling or requires_grad change) and the caller is in the same regime (train mode,
+    gradients on); else None."""
     side = _SIDES.get(model)
     if side is None or side.costs is None or not (model.training and torch.is_grad_enabled()):
         return None
@@ -335,9 +357,10 @@ class _Joint:
     saved sizes); checked against the modules like the wrapped code."""
 
     def __init__(self, forward, backward, constants: list[torch.Tensor], outputs: int,
-                 tangent_strides: list[tuple[int, ...]]):
+                 tangents: list[torch.Tensor], reads: list[list[bool]]):
         self.forward, self.backward, self.constants = forward, backward, constants
-        self.outputs, self.tangent_strides = outputs, tangent_strides
+        self.outputs, self.reads = outputs, reads
+        self.tangent_layouts = [(tuple(t.shape), tuple(t.stride()), t.dtype) for t in tangents]
 
     @classmethod
     def of(cls, gm: torch.fx.GraphModule, inputs: list[torch.Tensor], graphs: list) -> "_Joint | None":
@@ -353,30 +376,54 @@ class _Joint:
                 or not all(isinstance(n.meta.get("val"), torch.Tensor) for n in saved)
                 or not all(isinstance(t, torch.Tensor) for t in tangents)):
             return None
+        reads = []  # per output, whether it is computed from each input
+        for node in gm.graph.output_node().args[0]:
+            ancestors = _ancestors([node])
+            reads.append([p in ancestors for p in placeholders_of(gm)])
         return cls(forward_code.current_callable, backward_code.current_callable, constants, outputs,
-                   [tuple(t.stride()) for t in tangents])
+                   tangents, reads)
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return _JointCall.apply(self, *inputs)
 
 
+def _ancestors(nodes) -> set[torch.fx.Node]:
+    """The nodes `nodes` are computed from, themselves included."""
+    seen: set[torch.fx.Node] = set()
+    stack = [n for n in nodes if isinstance(n, torch.fx.Node)]
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return seen
+
+
 class _JointCall(torch.autograd.Function):
-    """apply(joint, *inputs): joint's outputs; their gradients from its backward code."""
+    """apply(joint, *inputs): joint's outputs; their gradients from its backward code. An
+    output no backward reads gets zeros, and inputs that only such outputs are computed from
+    get None, as they would from the modules' code (a backward through the costs alone)."""
 
     @staticmethod
     def forward(ctx, joint: _Joint, *inputs):
         values = joint.forward([*joint.constants, *inputs])
         ctx.joint = joint
         ctx.save_for_backward(*values[joint.outputs:])
+        ctx.set_materialize_grads(False)
         return tuple(values[:joint.outputs])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
         joint = ctx.joint
-        tangents = [g if g.stride() == stride else torch.empty_strided(g.shape, stride, dtype=g.dtype).copy_(g)
-                    for g, stride in zip(grads, joint.tangent_strides)]
-        return (None, *joint.backward([*ctx.saved_tensors, *tangents])[len(joint.constants):])
+        tangents = [torch.zeros(shape, dtype=dtype).as_strided(shape, stride) if g is None
+                    else g if g.stride() == stride else torch.empty_strided(shape, stride, dtype=dtype).copy_(g)
+                    for g, (shape, stride, dtype) in zip(grads, joint.tangent_layouts)]
+        got = joint.backward([*ctx.saved_tensors, *tangents])[len(joint.constants):]
+        if any(g is None for g in grads):
+            used = [any(r) for r in zip(*(reads for g, reads in zip(grads, joint.reads) if g is not None))]
+            got = [g if u else None for g, u in zip(got, used or [False] * len(got))]
+        return (None, *got)
 
 
 def _check(fn, reference, tensors: list[torch.Tensor]) -> None:
@@ -390,8 +437,11 @@ def _check(fn, reference, tensors: list[torch.Tensor]) -> None:
     for f in (fn, reference):
         outs = f(*inputs)
         cotangents = [torch.randn(o.shape, generator=generator, dtype=o.dtype) for o in outs]
-        grads = torch.autograd.grad([o for o in outs if o.requires_grad],
-                                    wanted, [c for o, c in zip(outs, cotangents) if o.requires_grad], allow_unused=True)
+        differentiable = [(o, c) for o, c in zip(outs, cotangents) if o.requires_grad]
+        grads = [None] * len(wanted)  # (nothing needs a gradient: a frozen model's first step)
+        if wanted and differentiable:
+            used, used_cotangents = zip(*differentiable)
+            grads = torch.autograd.grad(used, wanted, used_cotangents, allow_unused=True)
         results.append(([o.detach() for o in outs], [torch.zeros_like(w) if g is None else g for w, g in zip(wanted, grads)]))
         generator.manual_seed(0)
     (outs, grads), (ref_outs, ref_grads) = results

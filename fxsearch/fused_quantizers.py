@@ -197,7 +197,10 @@ def compile_capturing(gm: torch.fx.GraphModule, inputs: list) -> tuple[object, l
         inner.append((graph, code))
         return code
 
-    with functorch_config.patch(enable_autograd_cache=False, force_non_lazy_backward_lowering=True):
+    # donated_buffer off: a backward that reuses its saved tensors' memory cannot run twice
+    # (retain_graph), which AOT's wrapper refuses but a caller of the code directly would not see
+    with functorch_config.patch(enable_autograd_cache=False, force_non_lazy_backward_lowering=True,
+                                donated_buffer=False):
         wrapped = compile_fx(gm, inputs, inner_compile=compile_inner)
     return wrapped, inner
 
@@ -243,7 +246,10 @@ class _Direct:
             return self.code.current_callable(list(tensors))
         want = self.wrapped(*tensors)
         if self.direct is None:
-            got = self.code.current_callable(list(tensors))
+            try:
+                got = self.code.current_callable(list(tensors))
+            except Exception:  # the wrapped function serves (not the process-wide eager fallback)
+                got = ()
             self.direct = len(got) == len(want) and all(
                 a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
                 for a, b in zip(got, want))
@@ -252,8 +258,9 @@ class _Direct:
 
 def _run(name: str, fn, *tensors: torch.Tensor, **static):
     """fn(*tensors, **static) compiled and run (static: Python values and None, part of the
-    code); None once compiling has failed in this process (callers go eager)."""
-    if _FAILED:
+    code); None once compiling has failed in this process, or for empty tensors (callers go
+    eager)."""
+    if _FAILED or any(t.numel() == 0 for t in tensors):  # (inductor's code fails on empty tensors)
         return None
     if torch.is_grad_enabled():  # (autograd.Function's forward and backward run without)
         tensors = [t.detach() for t in tensors]
@@ -319,6 +326,8 @@ def _act_call(x, lo, hi, theta, bits, mask, may_saturate: bool) -> _ActCall | No
     the CPU); None where the eager quantizer runs (see _view_3d, or compiling failed)."""
     if _FAILED or not (lo.is_cpu and hi.is_cpu and theta.is_cpu and bits.is_cpu and (mask is None or mask.is_cpu)):
         return None  # (eager raises for tensors on two devices)
+    if x.numel() == 0:  # (an empty batch: inductor's code fails on it)
+        return None
     key = (x.shape, x.stride(), lo.shape, hi.shape, bits.shape, theta.stride(),
            None if mask is None else (mask.shape, mask.stride()), may_saturate)
     try:

@@ -87,8 +87,10 @@ class SearchModel(torch.fx.GraphModule):
         first step that compiles (seconds to tens of seconds, cached on disk). With ``cost``
         also the choice side of each train-mode forward -- masks, quantized weights and the
         costs -- as one compiled graph each way (fxsearch.fused_choices; ``cost`` then hands
-        out that step's costs), and the train-mode cost read outside a forward as one compiled
-        graph (fxsearch.cost_models); costs and gradients to float rounding. A training step
+        out that step's costs until a backward runs through them; they share the forward's
+        thetas, so a backward through the cost alone before the task's needs retain_graph=True),
+        and the train-mode cost read outside a forward as one compiled graph
+        (fxsearch.cost_models); costs and gradients to float rounding. A training step
         takes about 25 % less time (bench/step_overhead.py). Float32 on the CPU only; eval,
         no-grad passes, other dtypes and devices stay eager."""
         for m in self.modules():
@@ -104,6 +106,8 @@ class SearchModel(torch.fx.GraphModule):
             for hook in self._choice_side_hooks:
                 hook.remove()
             self._choice_side_hooks = None
+            from . import fused_choices
+            fused_choices.forget(self)
         return self
 
     # ---- cost (fxsearch.cost_models) ---------------------------------------------------

@@ -66,6 +66,8 @@ def test_choice_side_matches_the_modules(factory):
     assert side.stacked and side.plan.stacks  # the activation choices' thetas from one softmax
     # the generated code called without AOT autograd's runtime wrappers
     assert all(isinstance(f, fused_choices._Joint) for f in side.compiled.values())
+    assert side.costs is None  # the step's backward ran through them: not handed out again
+    fused(x)
     stamp, step_costs = side.costs
     assert fused.costs["size"] is step_costs["size"]  # handed out, not recomputed
 
@@ -184,3 +186,64 @@ def test_choice_side_keeps_the_wrapped_code_where_its_own_call_disagrees(monkeyp
     side = fused_choices._SIDES[fused]
     assert side.failed is None and side.compiled
     assert not any(isinstance(f, fused_choices._Joint) for f in side.compiled.values())
+
+
+def _grads(sm):
+    return {k: p.grad.clone() for k, p in sm.named_parameters() if p.grad is not None}
+
+
+def _close(got, want):
+    assert got.keys() == want.keys(), sorted(set(got) ^ set(want))
+    for k, g in want.items():
+        torch.testing.assert_close(got[k], g, rtol=1e-4, atol=1e-6 * (1 + float(g.abs().max())), msg=k)
+
+
+BACKWARD_PATTERNS = {
+    # the loss's backward twice (retain_graph): twice the gradient, as the modules' code gives
+    "retain-graph": lambda sm, x: [loss := sm(x).square().sum() + sm.cost, loss.backward(retain_graph=True),
+                                   loss.backward()],
+    # task and cost each with a backward of their own (the step's cost shares the forward's
+    # thetas: a backward through it first must keep the graph, as retain_graph does)
+    "task-then-cost": lambda sm, x: [sm(x).square().sum().backward(), sm.cost.backward()],
+    "cost-then-task": lambda sm, x: [out := sm(x), sm.cost.backward(retain_graph=True), out.square().sum().backward()],
+    # the cost read before the forward, two steps without an optimiser step between them
+    "cost-first-twice": lambda sm, x: [(sm.cost + sm(x).square().sum()).backward() for _ in range(2)],
+    # a backward through the cost alone: no gradient (None) for what it does not read
+    "cost-alone": lambda sm, x: [sm(x), sm.cost.backward()],
+}
+
+
+@pytest.mark.parametrize("pattern", list(BACKWARD_PATTERNS))
+def test_backward_patterns_give_the_modules_gradients(pattern):
+    """Patterns beyond one loss and one backward per forward: the fused model's gradients
+    (None included) equal the modules' to float rounding, and the compiled side served."""
+    x = torch.randn(2, 3, 8, 8)
+    eager, fused = _pair(M.Residual, x, cost=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for sm in (eager, fused):
+            BACKWARD_PATTERNS[pattern](sm, x)
+    _close(_grads(fused), _grads(eager))
+    side = fused_choices._SIDES[fused]
+    assert side.failed is None and all(isinstance(f, fused_choices._Joint) for f in side.compiled.values())
+
+
+def test_costs_follow_requires_grad_and_unfusing():
+    """Unfreezing the choices after a frozen first step (no input needs a gradient then) gives
+    costs with gradients, and the side stays on; unfused, the model computes its own costs."""
+    x = torch.randn(2, 3, 8, 8)
+    eager, fused = _pair(M.Residual, x, cost=False)
+    for sm in (eager, fused):
+        sm.requires_grad_(False)
+        sm(x)
+        assert not sm.cost.requires_grad
+        sm.requires_grad_(True)
+        sm(x)
+        sm.cost.backward()
+    _close(_grads(fused), _grads(eager))
+    assert fused_choices._SIDES[fused].failed is None
+    fused(x)
+    fused.fuse_quantizers(cost=False)
+    assert fused not in fused_choices._SIDES
+    cost = fused.cost
+    assert cost.grad_fn is not None and float(cost.detach()) == pytest.approx(float(eager.cost.detach()), rel=1e-5)
