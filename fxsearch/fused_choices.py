@@ -416,7 +416,7 @@ class _JointCall(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads):
         joint = ctx.joint
-        tangents = [torch.zeros(shape, dtype=dtype).as_strided(shape, stride) if g is None
+        tangents = [torch.empty_strided(shape, stride, dtype=dtype).zero_() if g is None
                     else g if g.stride() == stride else torch.empty_strided(shape, stride, dtype=dtype).copy_(g)
                     for g, (shape, stride, dtype) in zip(grads, joint.tangent_layouts)]
         got = joint.backward([*ctx.saved_tensors, *tangents])[len(joint.constants):]
