@@ -21,9 +21,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 from torch.utils._pytree import tree_flatten
 
+from fxsearch.errors import ExportError
 from fxsearch.passes.sort_channels import sort_channels
 
 from .onnx_qdq import quant_layers
@@ -78,7 +80,11 @@ def _session(model: onnx.ModelProto, level: str) -> ort.InferenceSession:
 
 
 def verify_onnx(final: torch.fx.GraphModule, path: str, example_inputs: Sequence[Any]) -> VerifyReport:
-    model = onnx.load(path)
+    try:
+        model = onnx.load(path)
+    except (OSError, DecodeError) as err:
+        raise ExportError(f"cannot read ONNX file {str(path)!r} ({type(err).__name__}: {err}); pass the "
+                          "path export_onnx wrote") from err
     summary = json.loads({p.key: p.value for p in model.metadata_props}.get("ai.fxsearch.summary", "{}"))
     weight_inits = {}  # layer -> its integer initializers, in channel order
     if summary.get("format") == "packed":  # the file holds the channels sorted by bit-width

@@ -266,6 +266,14 @@ def test_export_names_example_inputs_the_model_refuses(final_and_x, tmp_path, fm
     assert capfd.readouterr().err == ""
 
 
+def test_verify_names_a_missing_or_unreadable_file(final_and_x, tmp_path):
+    final, x = final_and_x
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    for name, cause in (("missing.onnx", "FileNotFoundError"), ("junk.onnx", "DecodeError")):
+        with pytest.raises(ExportError, match=f"cannot read ONNX file .*{name}.*{cause}"):
+            fxsearch.verify_onnx(final, tmp_path / name, (x,))
+
+
 # ---- unwritable output paths: nothing half-written ------------------------------------------
 def _unwritable(tmp_path, kind: str):
     """A path that cannot be written, even by root: in a missing folder, under a regular file,
