@@ -330,6 +330,11 @@ class CostModel:
             if self.detach_c_in:
                 layer = dataclasses.replace(layer, c_in_eff=layer.c_in_eff.detach())
             value = torch.as_tensor(self.fn(layer), dtype=layer.w_theta.dtype, device=layer.w_theta.device)
+            if value.numel() != 1:
+                raise ConfigError(f"cost model {self.name!r} gave layer {layer.name!r} a tensor of shape "
+                                  f"{tuple(value.shape)}; a cost model gives one number per layer (sum "
+                                  "over its channels, e.g. .sum())")
+            value = value.reshape(()) if value.dim() else value
             total = value if total is None else total + value
         return total if total is not None else torch.zeros(())
 

@@ -237,6 +237,12 @@ def test_finalize_refuses_a_plain_module():
         fxsearch.finalize(M.PlainChain())
 
 
+def test_a_cost_model_giving_a_vector_is_a_config_error():
+    sm = fxsearch.convert(M.PlainChain(), (x_(),), cost=lambda layer: layer.w_theta[0])
+    with pytest.raises(ConfigError, match=r"cost model '<lambda>' gave layer 'conv1' a tensor of shape \(\d+,\).*\.sum\(\)"):
+        sm.cost
+
+
 # ---- export -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def final_and_x():
