@@ -2,6 +2,7 @@
 visible order."""
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from typing import Any, Sequence
 
@@ -38,6 +39,10 @@ def convert(
     "macs", "bitops", "mpic", "ne16"), a function of one CostLayer, a CostModel, or a dict
     name -> any of these (the first is the main cost); see fxsearch.cost_models.
     """
+    fields = [f.name for f in dataclasses.fields(SearchConfig)]
+    for name in options:
+        if name not in fields:
+            raise ConfigError(f"convert has no option {name!r}" + _closest(name, fields, f"; the options are {', '.join(fields)}"))
     cfg = config if config is not None else SearchConfig(**options)
     if isinstance(model, torch.nn.Module) and isinstance(example_inputs, (tuple, list)):
         check_example_inputs(model, example_inputs)  # one device, finite inputs (else trace says why)
@@ -58,10 +63,15 @@ def _check_module_names(model: torch.nn.Module, cfg: SearchConfig) -> None:
     for option in ("exclude", "leaf_modules"):
         for name in getattr(cfg, option):
             if isinstance(name, str) and name not in names:
-                close = difflib.get_close_matches(name, names, n=3)
-                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else \
-                    " (names as model.named_modules() gives them, e.g. 'layer1.0.conv1')"
-                raise ConfigError(f"{option} names {name!r}, which is no submodule of {type(model).__name__}{hint}")
+                raise ConfigError(f"{option} names {name!r}, which is no submodule of {type(model).__name__}"
+                                  + _closest(name, names, " (names as model.named_modules() gives them, e.g. "
+                                                          "'layer1.0.conv1')"))
+
+
+def _closest(name: str, known: list[str], otherwise: str) -> str:
+    """'; did you mean ...?' with the known names closest to a misspelt one, else `otherwise`."""
+    close = difflib.get_close_matches(name, known, n=3)
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else otherwise
 
 
 def _like(sm: SearchModel, model: torch.nn.Module) -> SearchModel:

@@ -139,6 +139,8 @@ CONVERT_CASES = [
      ["a_precisions holds -4"]),
     ("input-bits-non-integer", M.PlainChain, lambda: (x_(),), {"input_bits": 2.5}, ConfigError,
      ["input_bits", "2.5"]),
+    ("option-misspelt", M.PlainChain, lambda: (x_(),), {"w_precision": (0, 8)}, ConfigError,
+     ["no option 'w_precision'", "did you mean 'w_precisions'"]),
     ("exclude-misspelt", M.PlainChain, lambda: (x_(),), {"exclude": ("cnv1",)}, ConfigError,
      ["exclude names 'cnv1'", "no submodule of PlainChain", "did you mean 'conv1'"]),
     ("leaf-module-unknown", M.PlainChain, lambda: (x_(),), {"leaf_modules": ("backbone",)}, ConfigError,
