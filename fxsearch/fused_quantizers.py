@@ -260,7 +260,7 @@ def _run(name: str, fn, *tensors: torch.Tensor, **static):
     """fn(*tensors, **static) compiled and run (static: Python values and None, part of the
     code); None once compiling has failed in this process, or for empty tensors (callers go
     eager)."""
-    if _FAILED or any(t.numel() == 0 for t in tensors):  # (inductor's code fails on empty tensors)
+    if _FAILED:
         return None
     if torch.is_grad_enabled():  # (autograd.Function's forward and backward run without)
         tensors = [t.detach() for t in tensors]
@@ -271,15 +271,23 @@ def _run(name: str, fn, *tensors: torch.Tensor, **static):
 
 
 def _function(name: str, fn, tensors: list[torch.Tensor], static: dict):
-    """The compiled fn for the layout (dtype, device, sizes, strides) of these tensors."""
+    """The compiled fn for the layout (dtype, device, sizes, strides) of these tensors; for
+    empty tensors, which inductor's code fails on, one that returns None (callers go eager)."""
     layout = (name, *static.items(), *[(t.dtype, t.device, t.shape, t.stride()) for t in tensors])
     function = _BY_LAYOUT.get(layout)
     if function is None:
         _make_room(_BY_LAYOUT)
-        family = (name, *static.items(), *[(t.dtype, t.device, t.dim()) for t in tensors])
-        function = _BY_LAYOUT[layout] = _compile(family, functools.partial(fn, **static),
-                                                 [t.detach() for t in tensors])
+        if any(t.numel() == 0 for t in tensors):
+            function = _BY_LAYOUT[layout] = _nothing
+        else:
+            family = (name, *static.items(), *[(t.dtype, t.device, t.dim()) for t in tensors])
+            function = _BY_LAYOUT[layout] = _compile(family, functools.partial(fn, **static),
+                                                     [t.detach() for t in tensors])
     return function
+
+
+def _nothing(*tensors: torch.Tensor) -> None:
+    return None
 
 
 def _make_room(lookup: dict) -> None:
@@ -326,8 +334,6 @@ def _act_call(x, lo, hi, theta, bits, mask, may_saturate: bool) -> _ActCall | No
     the CPU); None where the eager quantizer runs (see _view_3d, or compiling failed)."""
     if _FAILED or not (lo.is_cpu and hi.is_cpu and theta.is_cpu and bits.is_cpu and (mask is None or mask.is_cpu)):
         return None  # (eager raises for tensors on two devices)
-    if x.numel() == 0:  # (an empty batch: inductor's code fails on it)
-        return None
     key = (x.shape, x.stride(), lo.shape, hi.shape, bits.shape, theta.stride(),
            None if mask is None else (mask.shape, mask.stride()), may_saturate)
     try:
