@@ -41,7 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fxsearch import meta
 from fxsearch.checks import check_finite
-from fxsearch.errors import ExportError, FxSearchError
+from fxsearch.errors import ExportError, FxSearchError, first_line
 from fxsearch.final_modules import FakeQuantAct, QuantWeightMixin
 from fxsearch.passes.sort_channels import sort_channels
 
@@ -116,10 +116,6 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def _first_line(err: Exception) -> str:
-    return (str(err).splitlines() or [""])[0][:300]
-
-
 def _check_runs(twin: nn.Module, example_inputs: Sequence[Any]) -> None:
     """Raise where the model itself fails on the example inputs (a wrong shape or dtype)."""
     try:
@@ -128,7 +124,7 @@ def _check_runs(twin: nn.Module, example_inputs: Sequence[Any]) -> None:
         given = ", ".join(f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
                           for t in example_inputs)
         raise ExportError(
-            f"the model fails on the example inputs ({given}): {type(err).__name__}: {_first_line(err)}. "
+            f"the model fails on the example inputs ({given}): {type(err).__name__}: {first_line(err)[:300]}. "
             "Pass inputs of the shape and dtype it was converted with (python -m fxsearch.export: "
             "--input-shape)") from err
 
@@ -153,7 +149,7 @@ def _torch_onnx(twin: nn.Module, example_inputs: Sequence[Any], opset: int) -> o
             model = program.model_proto if dynamo else onnx.load_from_string(buffer.getvalue())
             break
         except Exception as err:
-            errors.append(f"{type(err).__name__}: {_first_line(err)}")
+            errors.append(f"{type(err).__name__}: {first_line(err)[:300]}")
             if not dynamo:  # before the second exporter tries (and logs its own failure)
                 _check_runs(twin, example_inputs)
     else:

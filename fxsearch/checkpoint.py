@@ -18,7 +18,7 @@ import torch
 
 from . import meta
 from .config import SearchConfig
-from .errors import CheckpointError, ConfigError, FxSearchError
+from .errors import CheckpointError, ConfigError, FxSearchError, first_line
 from .files import torch_save_atomically
 from .model import SearchModel
 from .model_refs import check_kwargs, import_ref, object_ref, resolve_factory, resolve_model_ref
@@ -297,8 +297,7 @@ def _torch_load(path: str, map_location: Any, what: str) -> Any:
                                   "checkpoint nor a plain state_dict") from err
         raise CheckpointError(f"{what} {path!r} is corrupt or not a torch file ({err})") from err
     except Exception as err:  # a damaged file can make the unpickler raise almost anything
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise CheckpointError(f"{what} {path!r} is truncated or corrupt ({type(err).__name__}: {first})") from err
+        raise CheckpointError(f"{what} {path!r} is truncated or corrupt ({type(err).__name__}: {first_line(err)})") from err
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

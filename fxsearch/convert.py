@@ -3,7 +3,6 @@ visible order."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, Sequence
 
 import torch
@@ -16,7 +15,7 @@ from fxsearch.passes.trace import trace
 
 from .checks import check_example_inputs, check_finite, model_device
 from .config import SearchConfig
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .model import SearchModel
 
 
@@ -42,7 +41,8 @@ def convert(
     fields = [f.name for f in dataclasses.fields(SearchConfig)]
     for name in options:
         if name not in fields:
-            raise ConfigError(f"convert has no option {name!r}" + _closest(name, fields, f"; the options are {', '.join(fields)}"))
+            raise ConfigError(f"convert has no option {name!r}"
+                              + (did_you_mean(name, fields, repr) or f"; the options are {', '.join(fields)}"))
     cfg = config if config is not None else SearchConfig(**options)
     if isinstance(model, torch.nn.Module) and isinstance(example_inputs, (tuple, list)):
         check_example_inputs(model, example_inputs)  # one device, finite inputs (else trace says why)
@@ -64,14 +64,8 @@ def _check_module_names(model: torch.nn.Module, cfg: SearchConfig) -> None:
         for name in getattr(cfg, option):
             if isinstance(name, str) and name not in names:
                 raise ConfigError(f"{option} names {name!r}, which is no submodule of {type(model).__name__}"
-                                  + _closest(name, names, " (names as model.named_modules() gives them, e.g. "
-                                                          "'layer1.0.conv1')"))
-
-
-def _closest(name: str, known: list[str], otherwise: str) -> str:
-    """'; did you mean ...?' with the known names closest to a misspelt one, else `otherwise`."""
-    close = difflib.get_close_matches(name, known, n=3)
-    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else otherwise
+                                  + (did_you_mean(name, names, repr) or " (names as model.named_modules() "
+                                                                        "gives them, e.g. 'layer1.0.conv1')"))
 
 
 def _like(sm: SearchModel, model: torch.nn.Module) -> SearchModel:

@@ -1,4 +1,19 @@
 """Typed errors. Every message names the node or module and the way out."""
+from __future__ import annotations
+
+import difflib
+from typing import Callable, Sequence
+
+
+def did_you_mean(name: str, known: Sequence[str], show: Callable[[str], str] = str) -> str:
+    """'; did you mean A, B?' with the known names closest to a misspelt one, or ''."""
+    close = difflib.get_close_matches(name, known, n=3)
+    return f"; did you mean {', '.join(map(show, close))}?" if close else ""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (torch's run on for dozens)."""
+    return (str(err).splitlines() or [""])[0]
 
 
 class FxSearchError(Exception):

@@ -8,7 +8,6 @@ Names are resolved lazily: nothing is imported until a reference is used.
 """
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 import json
@@ -17,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 import torch.nn as nn
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 TORCHVISION = "torchvision"
 TORCHVISION_INPUT_SHAPE = (1, 3, 224, 224)
@@ -66,10 +65,8 @@ def _zoo_factories() -> dict[str, Callable[..., Any]]:
 
 
 def _unknown(kind: str, name: str, known: list[str], listing: str) -> ConfigError:
-    close = difflib.get_close_matches(name, known, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
     names = ", ".join(sorted(known)) if len(known) <= 12 else f"see {listing}"
-    return ConfigError(f"unknown {kind} {name!r}{hint} (known: {names})")
+    return ConfigError(f"unknown {kind} {name!r}{did_you_mean(name, known)} (known: {names})")
 
 
 def _torchvision_models():

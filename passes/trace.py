@@ -19,7 +19,7 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxsearch.errors import TraceError
+from fxsearch.errors import TraceError, first_line
 
 from .op_kinds import remove_dead_code
 
@@ -115,7 +115,7 @@ class _NamedShapeProp(ShapeProp):
                 root = root.__cause__
             raise TraceError(
                 f"the traced graph fails at node {n.format_node()} on the example inputs: "
-                f"{type(root).__name__}: {(str(root).splitlines() or [''])[0]}. Check that example_inputs have the shape and "
+                f"{type(root).__name__}: {first_line(root)}. Check that example_inputs have the shape and "
                 "dtype the model expects (a tuple with one tensor per positional input)."
             ) from err
         if printed.getvalue():
