@@ -376,10 +376,11 @@ class _Joint:
                 or not all(isinstance(n.meta.get("val"), torch.Tensor) for n in saved)
                 or not all(isinstance(t, torch.Tensor) for t in tangents)):
             return None
+        inputs_of_gm = placeholders_of(gm)
         reads = []  # per output, whether it is computed from each input
         for node in gm.graph.output_node().args[0]:
             ancestors = _ancestors([node])
-            reads.append([p in ancestors for p in placeholders_of(gm)])
+            reads.append([p in ancestors for p in inputs_of_gm])
         return cls(forward_code.current_callable, backward_code.current_callable, constants, outputs,
                    tangents, reads)
 

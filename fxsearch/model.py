@@ -97,17 +97,17 @@ class SearchModel(torch.fx.GraphModule):
             if isinstance(m, (ActSearch, WeightSearchMixin)):
                 m.fused = enabled
         self.fused_cost = enabled and cost
-        if enabled and cost and self._choice_side_hooks is None:
+        if self.fused_cost != (self._choice_side_hooks is not None):  # turned on or off
             from . import fused_choices
-            self._choice_side_hooks = (
-                self.register_forward_pre_hook(fused_choices.begin_step),
-                self.register_forward_hook(fused_choices.end_step, always_call=True))
-        elif not (enabled and cost) and self._choice_side_hooks is not None:
-            for hook in self._choice_side_hooks:
-                hook.remove()
-            self._choice_side_hooks = None
-            from . import fused_choices
-            fused_choices.forget(self)
+            if self.fused_cost:
+                self._choice_side_hooks = (
+                    self.register_forward_pre_hook(fused_choices.begin_step),
+                    self.register_forward_hook(fused_choices.end_step, always_call=True))
+            else:
+                for hook in self._choice_side_hooks:
+                    hook.remove()
+                self._choice_side_hooks = None
+                fused_choices.forget(self)
         return self
 
     # ---- cost (fxsearch.cost_models) ---------------------------------------------------
