@@ -78,11 +78,14 @@ def export(factory, shape, fraction: float, path: str, integer_adds: bool = Fals
     return int(count_cost(final, (x,), "macs"))
 
 
-def session(path: str, threads: int) -> ort.InferenceSession:
+def session(path: str, threads: int, profile: str | None = None) -> ort.InferenceSession:
+    """ORT_ENABLE_ALL on the CPU; `profile`: onnxruntime's profiler on, its files named so."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if profile is not None:
+        options.enable_profiling, options.profile_file_prefix = True, profile
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -98,12 +101,7 @@ CONVOLUTIONS = ("QLinearConv", "Conv", "FusedConv")
 
 def node_times(path: str, x: np.ndarray, threads: int, runs: int) -> dict[str, float]:
     """Seconds per run in onnxruntime's profile: convolutions, the rest, and the slowest node."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.enable_profiling = True
-    options.profile_file_prefix = os.path.join(os.path.dirname(path), "profile")
-    s = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    s = session(path, threads, profile=os.path.join(os.path.dirname(path), "profile"))
     for _ in range(runs):
         s.run(None, {"input_0": x})
     trace = s.end_profiling()
